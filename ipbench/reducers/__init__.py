@@ -1,0 +1,24 @@
+"""Token reducers: one engine (engine.py), small policies, spec strings.
+
+Importing this package registers every built-in reducer.
+"""
+
+from ipbench.reducers import evit, none, tome  # noqa: F401  (registration)
+from ipbench.reducers.engine import (
+    Evidence,
+    TokenPlan,
+    TokenState,
+    apply_reducer,
+    is_patched,
+    remove_reducer,
+    set_tracing,
+    token_plan,
+)
+from ipbench.reducers.policy import Param, Policy
+from ipbench.reducers.spec import REGISTRY, list_reducers, parse_spec, register
+
+__all__ = [
+    "REGISTRY", "Evidence", "Param", "Policy", "TokenPlan", "TokenState", "apply_reducer",
+    "is_patched", "list_reducers", "parse_spec", "register", "remove_reducer", "set_tracing",
+    "token_plan",
+]

@@ -1,0 +1,342 @@
+"""The one patched transformer block that every reducer runs in.
+
+`apply_reducer` swaps the classes of a timm VisionTransformer and of its blocks for thin
+subclasses (weights and state_dict untouched, `remove_reducer` swaps them back). A patched
+block runs timm's own attention module (SDPA kept), with proportional attention passed as
+its additive `attn_mask`, then lets the policy reduce the tokens, then runs the MLP:
+
+    x = x + ls1(attn(norm1(x), attn_mask=log(size)))  ->  policy.reduce  ->  x = x + ls2(mlp(norm2(x)))
+
+Blocks where the policy does nothing and no token has been merged yet call timm's forward
+unchanged, so `none` is timm bit for bit and costs nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from ipbench.errors import UserError
+from ipbench.reducers.matching import (
+    MergePlan,
+    fuse_tokens,
+    gather_tokens,
+    merge_sum,
+    merge_weighted,
+)
+
+if TYPE_CHECKING:
+    from ipbench.reducers.policy import Policy
+
+
+@dataclass
+class Evidence:
+    """What a block's attention tells the policy about its tokens."""
+
+    cls_attn: Tensor | None = None  # [B, N] CLS attention row, head mean, sums to 1
+    keys: Tensor | None = None  # [B, N, Dh] keys averaged over heads
+
+
+class TokenState:
+    """Per-forward bookkeeping carried alongside the hidden states.
+
+    size:   [B, N, 1] patches each token stands for; None while every token is one patch.
+    pos:    [B, N, 2] size-weighted patch centroid (row, col); only when a policy or the
+            trace needs positions. Prefix tokens sit at (-1, -1).
+    source: [B, N, P] which of the P patches each token contains; only when tracing.
+    """
+
+    def __init__(self, x: Tensor, n_prefix: int, grid: tuple[int, int], want_pos: bool,
+                 tracing: bool, prop_attn: bool) -> None:
+        bsz, n, _ = x.shape
+        self.n_prefix = n_prefix
+        self.grid = grid
+        self.prop_attn = prop_attn
+        self.size: Tensor | None = None
+        self.pos: Tensor | None = None
+        self.source: Tensor | None = None
+        self.counts: list[int] = []
+        self.trace: list[dict[str, Any]] | None = [] if tracing else None
+        self.layer = -1
+        n_patches = n - n_prefix
+        if want_pos or tracing:
+            idx = torch.arange(n_patches, device=x.device)
+            rc = torch.stack([idx // grid[1], idx % grid[1]], dim=-1).to(x.dtype)
+            pre = torch.full((n_prefix, 2), -1.0, device=x.device, dtype=x.dtype)
+            self.pos = torch.cat([pre, rc]).expand(bsz, -1, -1)
+        if tracing:
+            eye = torch.eye(n_patches, device=x.device, dtype=x.dtype)
+            pre = torch.zeros(n_prefix, n_patches, device=x.device, dtype=x.dtype)
+            self.source = torch.cat([pre, eye]).expand(bsz, -1, -1)
+
+    def sizes(self, x: Tensor) -> Tensor:
+        """Token sizes as a tensor, ones when nothing was merged yet."""
+        return self.size if self.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
+
+    def attn_bias(self, dtype: torch.dtype) -> Tensor | None:
+        """Proportional attention: log(size) added to the logits of each key."""
+        if not self.prop_attn or self.size is None:
+            return None
+        return self.size.log().to(dtype).transpose(1, 2).unsqueeze(1)
+
+    def merge(self, x: Tensor, plan: MergePlan) -> Tensor:
+        """Apply a MergePlan: size-weighted average of x and centroids, sizes and sources add."""
+        w = self.sizes(x)
+        x = merge_weighted(x, w, plan)
+        if self.pos is not None:
+            self.pos = merge_weighted(self.pos, w, plan)
+        if self.source is not None:
+            self.source = merge_sum(self.source, plan)
+        self.size = merge_sum(w, plan)
+        return x
+
+    def keep(self, x: Tensor, idx: Tensor, fuse: Tensor | None = None,
+             weight: Tensor | None = None, fused_size: str = "one") -> Tensor:
+        """Keep the tokens idx [B, M] in that order; optionally append one fused token.
+
+        fuse [B, D]: tokens folded into EViT's extra token Σ weight_i · x_i (weight [B, N],
+        not renormalised). fused_size 'one': that token counts as one patch, as in official
+        EViT, which has no sizes; 'count': it counts the patches it absorbed. Its centroid is
+        the size-weighted centroid of its members and its sources their union.
+        """
+        w = self.sizes(x) if (self.size is not None or fuse is not None) else None
+        out = gather_tokens(x, idx)
+        new_size = gather_tokens(w, idx) if w is not None else None
+        new_pos = gather_tokens(self.pos, idx) if self.pos is not None else None
+        new_src = gather_tokens(self.source, idx) if self.source is not None else None
+        if fuse is not None:
+            assert w is not None and weight is not None
+            out = torch.cat([out, fuse_tokens(x, weight, fuse)], dim=1)
+            members = gather_tokens(w, fuse)
+            total = members.sum(dim=1, keepdim=True)
+            new_size = torch.cat([new_size, total if fused_size == "count" else torch.ones_like(total)], 1)
+            if new_pos is not None:
+                centroid = (gather_tokens(self.pos, fuse) * members).sum(dim=1, keepdim=True) / total
+                new_pos = torch.cat([new_pos, centroid], dim=1)
+            if new_src is not None:
+                new_src = torch.cat([new_src, gather_tokens(self.source, fuse).sum(1, keepdim=True)], 1)
+            if self.size is None and fused_size == "one":
+                new_size = None  # still every token one patch: keep the cheap path
+        self.size, self.pos, self.source = new_size, new_pos, new_src
+        return out
+
+    def record(self, **entry: Any) -> None:
+        """Add a trace entry for the current layer (no-op unless tracing)."""
+        if self.trace is not None:
+            self.trace.append({"layer": self.layer, **entry})
+
+
+@dataclass
+class EngineState:
+    """Shared by the patched model and its blocks; holds the policy and the last forward's facts."""
+
+    policy: Policy
+    n_prefix: int
+    grid: tuple[int, int]
+    depth: int
+    tracing: bool = False
+    tokens: TokenState | None = None
+    last_counts: list[int] = field(default_factory=list)
+    last_trace: list[dict[str, Any]] | None = None
+    last_state: TokenState | None = None
+
+
+def _cls_evidence(attn: nn.Module, qkv: Tensor, bias: Tensor | None, need_keys: bool,
+                  need_cls: bool) -> Evidence:
+    """CLS attention row in O(N·d) and head-mean keys, from the attention's qkv output."""
+    bsz, n, _ = qkv.shape
+    qkv = qkv.reshape(bsz, n, 3, attn.num_heads, attn.head_dim)
+    k = attn.k_norm(qkv[:, :, 1])  # [B, N, H, Dh]
+    ev = Evidence()
+    if need_keys:
+        ev.keys = k.mean(dim=2)
+    if need_cls:
+        q0 = attn.q_norm(qkv[:, 0, 0])  # [B, H, Dh]
+        logits = torch.einsum("bhd,bnhd->bhn", q0, k) * attn.scale
+        if bias is not None:
+            logits = logits + bias[:, 0]
+        ev.cls_attn = logits.float().softmax(dim=-1).mean(dim=1).to(qkv.dtype)
+    return ev
+
+
+class _PatchedBlock:
+    """Mixed into timm's Block class by `apply_reducer`."""
+
+    _ipb: EngineState
+    _ipb_layer: int
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        eng = self._ipb
+        st = eng.tokens
+        if st is None or self._ipb_layer == 0:
+            st = eng.tokens = TokenState(x, eng.n_prefix, eng.grid, eng.policy.needs_pos,
+                                         eng.tracing, eng.policy.prop_attn)
+        layer = self._ipb_layer
+        st.layer = layer
+        active = eng.policy.acts_at(layer)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
+            else x.dtype
+        bias = st.attn_bias(dtype)
+        if attn_mask is not None or is_causal:
+            raise UserError("ipbench's reducers do not support attention masks or causal attention")
+        if not active and bias is None:
+            x = super().forward(x)  # type: ignore[misc]
+            st.counts.append(x.shape[1])
+            return x
+
+        needs = (eng.policy.needs | ({"cls_attn", "keys"} if eng.tracing else set())) \
+            if active else frozenset()
+        captured: list[Tensor] = []
+        handle = None
+        if needs & {"cls_attn", "keys"}:
+            handle = self.attn.qkv.register_forward_hook(lambda m, i, o: captured.append(o))
+        try:
+            a = self.attn(self.norm1(x), attn_mask=bias)
+        finally:
+            if handle is not None:
+                handle.remove()
+        x = x + self.drop_path1(self.ls1(a))
+        if active:
+            ev = _cls_evidence(self.attn, captured[0], bias, "keys" in needs,
+                               "cls_attn" in needs) if captured else Evidence()
+            x = eng.policy.reduce(layer, x, ev, st)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        st.counts.append(x.shape[1])
+        return x
+
+
+class _PatchedModel:
+    """Mixed into timm's VisionTransformer class: per-forward state and size-weighted pooling."""
+
+    _ipb: EngineState
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        eng = self._ipb
+        eng.tokens = None
+        try:
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            st = eng.tokens
+            if st is not None:
+                eng.last_counts = list(st.counts)
+                eng.last_trace = st.trace
+                eng.last_state = st if eng.tracing else None
+            eng.tokens = None
+
+    def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
+        pool_type = self.global_pool if pool_type is None else pool_type
+        st = self._ipb.tokens
+        if pool_type in ("avg", "avgmax") and st is not None and st.size is not None \
+                and self.attn_pool is None and not self.pool_include_prefix:
+            p = self.num_prefix_tokens
+            tok, w = x[:, p:], st.size[:, p:].to(x.dtype)
+            avg = (tok * w).sum(dim=1) / w.sum(dim=1)
+            return avg if pool_type == "avg" else 0.5 * (tok.amax(dim=1) + avg)
+        return super().pool(x, pool_type)  # type: ignore[misc]
+
+
+_PATCHED_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _patched_class(base: type, mixin: type) -> type:
+    key = (base, mixin)
+    if key not in _PATCHED_CLASSES:
+        _PATCHED_CLASSES[key] = type(f"IPB{base.__name__}", (mixin, base), {"_ipb_base": base})
+    return _PATCHED_CLASSES[key]
+
+
+def _check_vit(model: nn.Module) -> None:
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise UserError(f"{type(model).__name__} is not a timm VisionTransformer; token reducers "
+                        "need a ViT-like model (deit_*, vit_*, deit3_*)")
+    bad = {type(b).__name__ for b in model.blocks if not isinstance(b, Block)}
+    if bad:
+        raise UserError(f"unsupported block type(s) {', '.join(sorted(bad))}; token reducers "
+                        "need timm's Block (pre-norm attention + MLP)")
+    for b in model.blocks:
+        if not hasattr(b.attn, "qkv"):
+            raise UserError(f"attention {type(b.attn).__name__} has no fused qkv projection; "
+                            "not supported")
+
+
+def _n_tokens(model: nn.Module) -> int:
+    """Tokens entering block 0: patches plus prefix tokens (class, distillation, registers)."""
+    return model.patch_embed.num_patches + model.num_prefix_tokens
+
+
+def is_patched(model: nn.Module) -> bool:
+    return hasattr(model, "_ipb")
+
+
+def remove_reducer(model: nn.Module) -> nn.Module:
+    """Undo `apply_reducer`: the model is plain timm again."""
+    if not is_patched(model):
+        return model
+    for b in model.blocks:
+        b.__class__ = b._ipb_base
+        del b._ipb, b._ipb_layer
+    model.__class__ = model._ipb_base
+    del model._ipb
+    return model
+
+
+def apply_reducer(model: nn.Module, policy: Policy, tracing: bool = False) -> nn.Module:
+    """Patch a timm ViT in place so that `policy` reduces its tokens; returns the model."""
+    _check_vit(model)
+    remove_reducer(model)
+    depth = len(model.blocks)
+    policy.bind(depth, _n_tokens(model), model.num_prefix_tokens)
+    grid = tuple(model.patch_embed.grid_size)
+    eng = EngineState(policy=policy, n_prefix=model.num_prefix_tokens, grid=grid, depth=depth,
+                      tracing=tracing)
+    for i, b in enumerate(model.blocks):
+        b.__class__ = _patched_class(type(b), _PatchedBlock)
+        b._ipb, b._ipb_layer = eng, i
+    model.__class__ = _patched_class(type(model), _PatchedModel)
+    model._ipb = eng
+    return model
+
+
+def set_tracing(model: nn.Module, on: bool) -> None:
+    """Record per-layer traces (merges, rankings, sources) on the next forwards."""
+    model._ipb.tracing = on
+
+
+@dataclass
+class TokenPlan:
+    """Static token counts: known without running an image."""
+
+    n_in: int
+    attn_tokens: list[int]  # tokens entering each block's attention
+    mlp_tokens: list[int]  # tokens in each block's MLP (= after the block's reduction)
+
+    @property
+    def after(self) -> list[int]:
+        return self.mlp_tokens
+
+    @property
+    def final(self) -> int:
+        return self.mlp_tokens[-1]
+
+
+def token_plan(model: nn.Module, policy: Policy | None = None) -> TokenPlan:
+    """Token counts per block for a patched model (or for `policy` on a plain one)."""
+    depth = len(model.blocks)
+    n_prefix = model.num_prefix_tokens
+    n = _n_tokens(model)
+    if policy is None:
+        policy = model._ipb.policy if is_patched(model) else None
+    if policy is not None:
+        policy.bind(depth, n, n_prefix)
+    attn, mlp = [], []
+    for layer in range(depth):
+        attn.append(n)
+        if policy is not None and policy.acts_at(layer):
+            n = policy.tokens_after(layer, n, n_prefix)
+        mlp.append(n)
+    return TokenPlan(n_in=attn[0], attn_tokens=attn, mlp_tokens=mlp)

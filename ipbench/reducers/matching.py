@@ -1,0 +1,124 @@
+"""Pure tensor functions shared by every reducer: choose tokens, merge them, fuse them.
+
+Every reduction step is described by index tensors (which input token becomes which output
+slot), so one pair of functions applies it to the hidden states, the sizes, the centroids
+and the trace alike. Nothing here knows about modules or policies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class MergePlan:
+    """How N input tokens become M output tokens.
+
+    keep: [B, M] input index of each output slot, in output order.
+    src:  [B, R] input indices of the tokens merged into another token.
+    dst:  [B, R] output slot (0..M-1) that receives each src token.
+    Tokens in neither keep nor src are discarded.
+    """
+
+    keep: Tensor
+    src: Tensor
+    dst: Tensor
+
+    @property
+    def n_out(self) -> int:
+        return self.keep.shape[1]
+
+
+def _expand(idx: Tensor, t: Tensor) -> Tensor:
+    return idx.unsqueeze(-1).expand(-1, -1, t.shape[-1])
+
+
+def gather_tokens(t: Tensor, idx: Tensor) -> Tensor:
+    """t[b, idx[b, j]] for a [B, N, C] tensor and [B, M] indices."""
+    return t.gather(1, _expand(idx, t))
+
+
+def merge_sum(t: Tensor, plan: MergePlan) -> Tensor:
+    """Sum each merged token into its destination slot (sizes, patch sets)."""
+    out = gather_tokens(t, plan.keep)
+    if plan.src.shape[1]:
+        out = out.scatter_add(1, _expand(plan.dst, out), gather_tokens(t, plan.src))
+    return out
+
+
+def merge_weighted(t: Tensor, weight: Tensor, plan: MergePlan) -> Tensor:
+    """Weighted average of each output slot's members (ToMe's size-weighted merge).
+
+    weight is [B, N, 1]; a slot with a single member keeps its value exactly.
+    """
+    if not plan.src.shape[1]:
+        return gather_tokens(t, plan.keep)
+    return merge_sum(t * weight, plan) / merge_sum(weight, plan)
+
+
+def alternate_split(n_tokens: int, n_prefix: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """ToMe's A/B sets: A = even absolute positions, B = odd, prefix tokens left out.
+
+    Keeping the absolute parity makes the split identical to the official code for one class
+    token, while every prefix token (distillation, registers) stays protected.
+    """
+    pos = torch.arange(n_prefix, n_tokens, device=device)
+    return pos[pos % 2 == 0], pos[pos % 2 == 1]
+
+
+def bipartite_match(
+    metric: Tensor, a_idx: Tensor, b_idx: Tensor, r: int, score_bias: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Bipartite soft matching between token sets A and B.
+
+    metric: [B, N, C] (normalised inside); a_idx [B, Na], b_idx [B, Nb] token indices.
+    score_bias: optional [B, Na, Nb] added to the cosine scores (e.g. a locality penalty).
+    Each A token takes its most similar B token; the r A tokens with the highest scores are
+    merged. Returns (src, dst_b, unm): src [B, r] and unm [B, Na-r] are positions in A
+    (unm sorted, so the survivors keep their order), dst_b [B, r] are positions in B.
+    """
+    m = metric / metric.norm(dim=-1, keepdim=True)
+    scores = gather_tokens(m, a_idx) @ gather_tokens(m, b_idx).transpose(1, 2)
+    if score_bias is not None:
+        scores = scores + score_bias
+    best, best_b = scores.max(dim=-1)
+    order = best.argsort(dim=-1, descending=True)
+    src = order[:, :r]
+    unm = order[:, r:].sort(dim=-1).values
+    return src, best_b.gather(1, src), unm
+
+
+def bipartite_plan(
+    metric: Tensor, r: int, n_prefix: int, a_idx: Tensor, b_idx: Tensor,
+    score_bias: Tensor | None = None,
+) -> MergePlan:
+    """MergePlan of ToMe's step: output = [prefix, unmerged A (in order), B (merged into)]."""
+    bsz = metric.shape[0]
+    src, dst_b, unm = bipartite_match(metric, a_idx, b_idx, r, score_bias)
+    prefix = torch.arange(n_prefix, device=metric.device).expand(bsz, -1)
+    keep = torch.cat([prefix, a_idx.gather(1, unm), b_idx], dim=1)
+    return MergePlan(keep=keep, src=a_idx.gather(1, src), dst=dst_b + n_prefix + unm.shape[1])
+
+
+def rank_tokens(score: Tensor, n_prefix: int) -> Tensor:
+    """Indices of the non-prefix tokens, most important first. score: [B, N]."""
+    return score[:, n_prefix:].argsort(dim=-1, descending=True) + n_prefix
+
+
+def keep_plan(order: Tensor, n_keep: int, n_prefix: int) -> tuple[Tensor, Tensor]:
+    """Split a ranking into (kept indices with the prefix in front, dropped indices)."""
+    bsz = order.shape[0]
+    prefix = torch.arange(n_prefix, device=order.device).expand(bsz, -1)
+    return torch.cat([prefix, order[:, :n_keep]], dim=1), order[:, n_keep:]
+
+
+def fuse_tokens(x: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
+    """EViT's fused token: Σ weight_i · x_i over the given tokens, weights not renormalised.
+
+    x [B, N, C], weight [B, N] (the CLS attention), idx [B, D] -> [B, 1, C].
+    """
+    w = weight.gather(1, idx).unsqueeze(-1)
+    return (gather_tokens(x, idx) * w).sum(dim=1, keepdim=True)

@@ -1,0 +1,161 @@
+"""The policy interface: what a reducer decides, given one block's evidence.
+
+A policy is small: it declares its parameters (name, type, default, one line of docs), says
+at which blocks it acts and how many tokens survive there (the static plan, known without an
+image), and reduces the tokens of a block using the engine's Evidence and TokenState.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ipbench.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from ipbench.reducers.engine import Evidence, TokenState
+
+
+@dataclass(frozen=True)
+class Param:
+    """One named, documented parameter of a reducer.
+
+    kind: 'float', 'int', 'bool', 'choice', 'ints' (list of ints; a single int also allowed
+    where `scalar_ok`), 'float01' (0 < v <= 1).
+    """
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+
+    def parse(self, reducer: str, raw: str) -> Any:
+        """Parse a spec-string value; UserError names the parameter and what is valid."""
+        def bad(what: str) -> UserError:
+            return UserError(f"{reducer}: bad value {raw!r} for {self.name} ({what})")
+
+        if self.kind == "bool":
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise bad("expected true or false")
+        if self.kind == "choice":
+            if raw not in self.choices:
+                raise bad("valid: " + ", ".join(self.choices))
+            return raw
+        if self.kind == "ints":
+            try:
+                vals = [int(v) for v in raw.replace(";", ",").split(",") if v.strip() != ""]
+            except ValueError:
+                raise bad("expected integers separated by commas") from None
+            if self.minimum is not None and any(v < self.minimum for v in vals):
+                raise bad(f"each must be >= {self.minimum:g}")
+            return vals
+        try:
+            val: float | int = int(raw) if self.kind == "int" else float(raw)
+        except ValueError:
+            raise bad(f"expected {'an integer' if self.kind == 'int' else 'a number'}") from None
+        if self.kind == "float01" and not 0.0 < val <= 1.0:
+            raise bad("must be in (0, 1]")
+        if self.minimum is not None and val < self.minimum:
+            raise bad(f"must be >= {self.minimum:g}")
+        return val
+
+    def describe(self) -> str:
+        extra = f" ({'|'.join(self.choices)})" if self.choices else ""
+        return f"{self.name}={format_value(self.default)}{extra}: {self.help}"
+
+
+def format_value(v: Any) -> str:
+    """Spec-string form of a parameter value."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return ",".join(str(i) for i in v)
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+class Policy:
+    """Base class of every reducer policy."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    PARAMS: ClassVar[tuple[Param, ...]] = ()
+    needs: ClassVar[frozenset[str]] = frozenset()  # subset of {'cls_attn', 'keys'}
+    training_free: ClassVar[bool] = True  # ipbench applies every reducer to off-the-shelf weights
+
+    def __init__(self, **params: Any) -> None:
+        known = {p.name: p for p in self.PARAMS}
+        for k in params:
+            if k not in known:
+                raise UserError(f"{self.name}: unknown parameter {k!r}; valid: "
+                                + ", ".join(known) if known else f"{self.name} takes no parameters")
+        self.params: dict[str, Any] = {p.name: params.get(p.name, p.default) for p in self.PARAMS}
+        self.depth: int | None = None
+        self.n_tokens = 0
+        self.n_prefix = 0
+        self.validate()
+
+    # -- what subclasses may override ---------------------------------------------------
+    def validate(self) -> None:
+        """Check parameter combinations that do not depend on the model."""
+
+    def bind(self, depth: int, n_tokens: int, n_prefix: int) -> None:
+        """Check the parameters against a model of `depth` blocks and n_tokens input tokens."""
+        self.depth, self.n_tokens, self.n_prefix = depth, n_tokens, n_prefix
+
+    @property
+    def needs_pos(self) -> bool:
+        """Whether the policy reads token centroids (TokenState.pos)."""
+        return False
+
+    @property
+    def prop_attn(self) -> bool:
+        """Whether token sizes bias the attention (log size on the keys)."""
+        return False
+
+    def acts_at(self, layer: int) -> bool:
+        return False
+
+    def tokens_after(self, layer: int, n: int, n_prefix: int) -> int:
+        """Static plan: tokens left after this block's reduction, from the count before."""
+        return n
+
+    def reduce(self, layer: int, x: Tensor, ev: Evidence, st: TokenState) -> Tensor:
+        return x
+
+    # -- shared helpers -----------------------------------------------------------------
+    @property
+    def spec(self) -> str:
+        """Canonical spec string with every parameter, defaults included."""
+        if not self.params:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={format_value(v)}" for k, v in self.params.items())
+
+    def params_json(self) -> str:
+        return json.dumps(self.params, sort_keys=True)
+
+    def check_layers(self, layers: list[int], what: str = "layers") -> None:
+        assert self.depth is not None
+        bad = [i for i in layers if not 0 <= i < self.depth]
+        if bad:
+            raise UserError(f"{self.name}: {what} index {bad[0]} out of range; the model has "
+                            f"blocks 0..{self.depth - 1}")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.spec}>"
+
+
+def keep_count(keep: float, n_candidates: int) -> int:
+    """EViT's rule: ⌈ρ·(N−prefix)⌉ tokens survive (computed exactly as the official code)."""
+    return math.ceil(keep * n_candidates)
