@@ -1,0 +1,1 @@
+"""Measurements: accuracy here; GMACs (flops.py) and throughput (throughput.py) beside it."""

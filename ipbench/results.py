@@ -1,0 +1,146 @@
+"""Result CSVs: fixed schemas, whole-row appends that survive a crash, and resume by config key.
+
+Every command appends to ``<out>/<command>.csv``. A row is written in one ``write`` followed by
+flush + fsync, so an interrupted run leaves complete rows only and can resume where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ipbench.errors import UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# Columns of results/eval.csv, in order (documented in the README).
+EVAL_COLUMNS: list[str] = [
+    "timestamp",
+    "config_key",
+    "model",
+    "checkpoint",
+    "checkpoint_sha256",
+    "data",
+    "num_images",
+    "skipped_images",
+    "reducer",
+    "reducer_params",
+    "training_free",
+    "tokens_per_layer",
+    "final_tokens",
+    "top1",
+    "top5",
+    "correct1",
+    "correct5",
+    "device",
+    "device_name",
+    "dtype",
+    "batch_size",
+    "threads",
+    "seed",
+    "torch",
+    "timm",
+    "ipbench",
+]
+
+
+HASH_COLUMNS = ("config_key", "checkpoint_sha256")
+
+
+def _csv_line(values: list[Any]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(values)
+    return buf.getvalue()
+
+
+def _existing_header(path: Path) -> list[str] | None:
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    with path.open(newline="", encoding="utf-8") as f:
+        return next(csv.reader(f), None)
+
+
+def append_row(path: str | os.PathLike, row: dict[str, Any], columns: list[str]) -> None:
+    """Append one complete row (writing the header first for a new file), flushed to disk."""
+    file = Path(path)
+    unknown = set(row) - set(columns)
+    if unknown:
+        raise ValueError(f"row has fields outside the schema: {sorted(unknown)}")
+    file.parent.mkdir(parents=True, exist_ok=True)
+    header = _existing_header(file)
+    if header is not None and header != columns:
+        raise UserError(f"{file} was written with different columns (an older ipbench or another command); "
+                        "use another --out folder")
+    text = _csv_line([row.get(c, "") for c in columns])
+    if header is None:
+        text = _csv_line(columns) + text
+    with file.open("a", newline="", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_rows(path: str | os.PathLike) -> pd.DataFrame:
+    """All rows of a result CSV (an empty frame when the file does not exist yet)."""
+    import pandas as pd
+
+    file = Path(path)
+    if not file.exists():
+        return pd.DataFrame()
+    # Hashes must stay strings: a hex prefix can look like a number ("12e4...").
+    return pd.read_csv(file, keep_default_na=False, na_values=[""], dtype={k: str for k in HASH_COLUMNS})
+
+
+def config_key(d: dict[str, Any]) -> str:
+    """Short stable hash of a configuration, for skipping rows that are already in a CSV."""
+    canonical = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha1(canonical.encode()).hexdigest()[:12]
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    """Human name of the hardware a number was measured on (GPU model or CPU model)."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return _cpu_name()
+
+
+def common_fields(device: str, dtype: str, batch_size: int, threads: int | None, seed: int) -> dict[str, Any]:
+    """The fields every row carries to say where and how it was measured (no hostname)."""
+    import timm
+    import torch
+
+    import ipbench
+
+    return {
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "device_name": device_name(device),
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "seed": seed,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "ipbench": ipbench.__version__,
+    }
