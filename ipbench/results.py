@@ -52,6 +52,53 @@ EVAL_COLUMNS: list[str] = [
 ]
 
 
+# Columns of results/sweep.csv (also written by `ipbench flops` and `ipbench speed` for their own
+# files with the measurements they make; empty where a measurement was not taken).
+SWEEP_COLUMNS: list[str] = [
+    "timestamp",
+    "config_key",
+    "model",
+    "checkpoint",
+    "checkpoint_sha256",
+    "data",
+    "num_images",
+    "reducer",  # reducer name ("none" for the baseline)
+    "reducer_spec",  # canonical spec with every parameter
+    "reducer_params",  # the same parameters as JSON
+    "keep_rate",  # the sweep's nominal keep rate this row stands for (empty for the baseline)
+    "gmacs_budget",  # --match-gmacs target, empty otherwise
+    "training_free",
+    "tokens_per_layer",  # tokens after each block, space separated
+    "final_tokens",
+    "gmacs",  # fvcore GMACs per image (fused attention counted)
+    "gmacs_analytic",  # from the static token plan
+    "flop_counter",
+    "gmacs_ratio",  # baseline GMACs / this row's GMACs
+    "top1",
+    "top5",
+    "correct1",
+    "correct5",
+    "img_s_median",
+    "img_s_min",
+    "img_s_max",
+    "speedup_median",  # median of per-round paired ratios against the baseline of the same run
+    "speedup_min",
+    "speedup_max",
+    "batch_size",
+    "repeats",
+    "min_seconds",
+    "device",
+    "device_name",
+    "dtype",
+    "threads",
+    "compile",
+    "seed",
+    "torch",
+    "timm",
+    "ipbench",
+]
+
+
 HASH_COLUMNS = ("config_key", "checkpoint_sha256")
 
 
