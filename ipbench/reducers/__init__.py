@@ -3,7 +3,7 @@
 Importing this package registers every built-in reducer.
 """
 
-from ipbench.reducers import evit, none, tome  # noqa: F401  (registration)
+from ipbench.reducers import combine, evit, imagepiece, mstm, none, tome  # noqa: F401  (registration)
 from ipbench.reducers.engine import (
     Evidence,
     TokenPlan,

@@ -82,10 +82,14 @@ class TokenState:
             return None
         return self.size.log().to(dtype).transpose(1, 2).unsqueeze(1)
 
-    def merge(self, x: Tensor, plan: MergePlan) -> Tensor:
-        """Apply a MergePlan: size-weighted average of x and centroids, sizes and sources add."""
+    def merge(self, x: Tensor, plan: MergePlan, weight: Tensor | None = None) -> Tensor:
+        """Apply a MergePlan: size-weighted average of x and centroids, sizes and sources add.
+
+        weight [B, N, 1] replaces the sizes as the weights of x only (MSTM: size × importance);
+        centroids stay size-weighted, since they describe patches, not features.
+        """
         w = self.sizes(x)
-        x = merge_weighted(x, w, plan)
+        x = merge_weighted(x, w if weight is None else weight, plan)
         if self.pos is not None:
             self.pos = merge_weighted(self.pos, w, plan)
         if self.source is not None:
@@ -162,6 +166,9 @@ def _cls_evidence(attn: nn.Module, qkv: Tensor, bias: Tensor | None, need_keys: 
     return ev
 
 
+_TRACE_NEEDS = frozenset({"cls_attn", "keys"})
+
+
 class _PatchedBlock:
     """Mixed into timm's Block class by `apply_reducer`."""
 
@@ -182,13 +189,14 @@ class _PatchedBlock:
         bias = st.attn_bias(dtype)
         if attn_mask is not None or is_causal:
             raise UserError("ipbench's reducers do not support attention masks or causal attention")
-        if not active and bias is None:
+        tracing = st.trace is not None
+        if not active and bias is None and not tracing:
             x = super().forward(x)  # type: ignore[misc]
             st.counts.append(x.shape[1])
             return x
 
-        needs = (eng.policy.needs | ({"cls_attn", "keys"} if eng.tracing else set())) \
-            if active else frozenset()
+        # Tracing reads the evidence of every block (same ops, so outputs are unchanged).
+        needs = (eng.policy.needs if active else frozenset()) | (_TRACE_NEEDS if tracing else frozenset())
         captured: list[Tensor] = []
         handle = None
         if needs & {"cls_attn", "keys"}:
@@ -199,12 +207,18 @@ class _PatchedBlock:
             if handle is not None:
                 handle.remove()
         x = x + self.drop_path1(self.ls1(a))
+        ev = _cls_evidence(self.attn, captured[0], bias, "keys" in needs,
+                           "cls_attn" in needs) if captured else Evidence()
+        if tracing:
+            st.record(op="attn", n_prefix=st.n_prefix, grid=st.grid, cls_attn=ev.cls_attn,
+                      size=st.size, source=st.source, pos=st.pos)
         if active:
-            ev = _cls_evidence(self.attn, captured[0], bias, "keys" in needs,
-                               "cls_attn" in needs) if captured else Evidence()
             x = eng.policy.reduce(layer, x, ev, st)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         st.counts.append(x.shape[1])
+        if tracing:
+            st.record(op="out", n_prefix=st.n_prefix, grid=st.grid, size=st.size, source=st.source,
+                      pos=st.pos)
         return x
 
 
@@ -289,6 +303,7 @@ def apply_reducer(model: nn.Module, policy: Policy, tracing: bool = False) -> nn
     """Patch a timm ViT in place so that `policy` reduces its tokens; returns the model."""
     _check_vit(model)
     remove_reducer(model)
+    policy.prepare(model)
     depth = len(model.blocks)
     policy.bind(depth, _n_tokens(model), model.num_prefix_tokens)
     grid = tuple(model.patch_embed.grid_size)

@@ -11,6 +11,7 @@ from ipbench.reducers.engine import Evidence, TokenState
 from ipbench.reducers.matching import keep_plan, rank_tokens
 from ipbench.reducers.policy import Param, Policy, keep_count
 from ipbench.reducers.spec import register
+from ipbench.reducers.trace import record_keep
 
 KEEP = Param("keep", "float01", 0.7, "keep rate ρ: ⌈ρ·(N−prefix)⌉ tokens survive each stage")
 LAYERS = Param("layers", "ints", [3, 6, 9], "0-indexed blocks that prune (EViT: blocks 4, 7, 10)",
@@ -59,7 +60,7 @@ class EViT(Policy):
         if k is None:
             return x
         keep, drop = keep_plan(rank_tokens(ev.cls_attn, st.n_prefix), k, st.n_prefix)
-        st.record(op="keep", keep=keep, drop=drop, cls_attn=ev.cls_attn, fused=self.fuse)
+        record_keep(st, self.name, keep, drop, ev.cls_attn, self.fuse)
         if self.fuse:
             return st.keep(x, keep, fuse=drop, weight=ev.cls_attn, fused_size=self.fused_size)
         return st.keep(x, keep)

@@ -122,3 +122,45 @@ def fuse_tokens(x: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
     """
     w = weight.gather(1, idx).unsqueeze(-1)
     return (gather_tokens(x, idx) * w).sum(dim=1, keepdim=True)
+
+
+def ordered_merge_plan(n_tokens: int, src: Tensor, dst: Tensor) -> MergePlan:
+    """MergePlan merging input tokens src [B, R] into input tokens dst [B, R] (dst not in src).
+
+    Every other token keeps its input position order, so a trace's indices stay readable and
+    untouched (semantic) tokens are not reshuffled.
+    """
+    bsz, r = src.shape
+    removed = torch.zeros(bsz, n_tokens, dtype=torch.bool, device=src.device).scatter_(1, src, True)
+    keep = removed.to(torch.int8).argsort(dim=1, stable=True)[:, : n_tokens - r]
+    slot = torch.arange(n_tokens, device=src.device) - removed.cumsum(dim=1)
+    return MergePlan(keep=keep, src=src, dst=slot.gather(1, dst))
+
+
+def raster_sort(idx: Tensor, pos: Tensor) -> Tensor:
+    """Reorder token indices idx [B, K] by the raster order (row, then column) of their
+    centroids pos [B, N, 2]; ties keep their order."""
+    p = gather_tokens(pos, idx)
+    order = p[..., 1].argsort(dim=1, stable=True)
+    order = order.gather(1, p[..., 0].gather(1, order).argsort(dim=1, stable=True))
+    return idx.gather(1, order)
+
+
+def locality_penalty(pos: Tensor, a_idx: Tensor, b_idx: Tensor, lam: float, scale: float) -> Tensor:
+    """Score bias [B, Na, Nb]: −λ · (distance between the tokens' centroids) / scale."""
+    return torch.cdist(gather_tokens(pos, a_idx), gather_tokens(pos, b_idx)) * (-lam / scale)
+
+
+def nearest_plan(metric: Tensor, keep: Tensor, drop: Tensor, n_prefix: int) -> MergePlan:
+    """MergePlan sending each dropped token to its most similar kept token (cosine of metric).
+
+    keep [B, M] lists the prefix first (as keep_plan returns it); prefix tokens never receive.
+    """
+    m = metric / metric.norm(dim=-1, keepdim=True)
+    sims = gather_tokens(m, drop) @ gather_tokens(m, keep[:, n_prefix:]).transpose(1, 2)
+    return MergePlan(keep=keep, src=drop, dst=sims.argmax(dim=-1) + n_prefix)
+
+
+def pair_cosine(t: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    """Cosine similarity [B, R] between tokens t[b, i[b, r]] and t[b, j[b, r]]."""
+    return torch.nn.functional.cosine_similarity(gather_tokens(t, i), gather_tokens(t, j), dim=-1)

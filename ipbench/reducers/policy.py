@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ipbench.errors import UserError
 
 if TYPE_CHECKING:
-    from torch import Tensor
+    from torch import Tensor, nn
 
     from ipbench.reducers.engine import Evidence, TokenState
 
@@ -113,6 +113,12 @@ class Policy:
     def bind(self, depth: int, n_tokens: int, n_prefix: int) -> None:
         """Check the parameters against a model of `depth` blocks and n_tokens input tokens."""
         self.depth, self.n_tokens, self.n_prefix = depth, n_tokens, n_prefix
+
+    def prepare(self, model: nn.Module) -> None:
+        """Check the model itself before it is patched (e.g. a module the reducer requires)."""
+
+    def in_combination(self, others: list[Policy]) -> None:
+        """Adapt to being combined with `others` (``a+b``); called once, before binding."""
 
     @property
     def needs_pos(self) -> bool:

@@ -7,7 +7,7 @@ Parameters are comma separated; a bare value after a list parameter continues th
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from ipbench.errors import UserError
 from ipbench.reducers.policy import Policy

@@ -9,6 +9,7 @@ from ipbench.reducers.engine import Evidence, TokenState
 from ipbench.reducers.matching import alternate_split, bipartite_plan
 from ipbench.reducers.policy import Param, Policy
 from ipbench.reducers.spec import register
+from ipbench.reducers.trace import record_merge
 
 
 @register
@@ -56,5 +57,5 @@ class ToMe(Policy):
         a_idx, b_idx = alternate_split(n, st.n_prefix, x.device)
         plan = bipartite_plan(ev.keys, r, st.n_prefix, a_idx.expand(bsz, -1),
                               b_idx.expand(bsz, -1))
-        st.record(op="merge", plan=plan, metric=ev.keys, x=x, cls_attn=ev.cls_attn)
+        record_merge(st, self.name, plan, ev.keys, x, ev.cls_attn)
         return st.merge(x, plan)
