@@ -65,8 +65,10 @@ def alternate_split(n_tokens: int, n_prefix: int, device: torch.device) -> tuple
     Keeping the absolute parity makes the split identical to the official code for one class
     token, while every prefix token (distillation, registers) stays protected.
     """
-    pos = torch.arange(n_prefix, n_tokens, device=device)
-    return pos[pos % 2 == 0], pos[pos % 2 == 1]
+    first_even = n_prefix + n_prefix % 2
+    first_odd = n_prefix + 1 - n_prefix % 2
+    return (torch.arange(first_even, n_tokens, 2, device=device),
+            torch.arange(first_odd, n_tokens, 2, device=device))
 
 
 def bipartite_match(
@@ -131,7 +133,7 @@ def ordered_merge_plan(n_tokens: int, src: Tensor, dst: Tensor) -> MergePlan:
     untouched (semantic) tokens are not reshuffled.
     """
     bsz, r = src.shape
-    removed = torch.zeros(bsz, n_tokens, dtype=torch.bool, device=src.device).scatter_(1, src, True)
+    removed = torch.zeros(bsz, n_tokens, dtype=torch.bool, device=src.device).scatter_(1, src, 1)
     keep = removed.to(torch.int8).argsort(dim=1, stable=True)[:, : n_tokens - r]
     slot = torch.arange(n_tokens, device=src.device) - removed.cumsum(dim=1)
     return MergePlan(keep=keep, src=src, dst=slot.gather(1, dst))

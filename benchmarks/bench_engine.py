@@ -1,0 +1,147 @@
+"""Does the engine deliver the speed its GMACs promise? (DESIGN.md, "Speed targets")
+
+Times plain timm, the engine with nothing reduced, and each reducer, all INTERLEAVED in one run
+on one batch of real images, and prints for each reducer its measured speed-up over plain timm
+next to its GMACs ratio (fvcore + SDPA). Targets:
+
+* reducer ``none``: speed-up >= 0.98 (the engine costs nothing when it does nothing);
+* every reducer: speed-up / GMACs ratio >= 0.90, ToMe r=13 >= 0.95.
+
+    python benchmarks/bench_engine.py [--model deit_t] [--batch-size 32] [--repeats 5]
+
+DeiT-Tiny uses the real weights in ../shared/weights (or --checkpoint / IPBENCH_CHECKPOINT); other
+models use random weights, which change neither GMACs nor speed. This is a benchmark, not a test:
+timings are noisy (15-35 % run to run on a 2-core CPU); read the medians and their spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ipbench.data import normalize, open_source
+from ipbench.measure.flops import analytic_gmacs, count_gmacs
+from ipbench.measure.throughput import SpeedResult, measure_throughput
+from ipbench.models import load_checkpoint, resolve_name
+from ipbench.reducers import apply_reducer, list_reducers, parse_spec, token_plan
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REAL_WEIGHTS = {"deit_tiny_patch16_224": SHARED / "weights" / "deit_tiny_patch16_224.safetensors"}
+PLAIN, NONE = "timm", "none"
+DEFAULT_SPECS = ["tome:r=13", "evit:keep=0.7", "topk:keep=0.7"]
+ENGINE_TARGET = 0.98  # engine with nothing reduced vs plain timm
+EFFICIENCY_TARGET = 0.90  # speed-up / GMACs ratio, every reducer
+EFFICIENCY_TARGETS = {"tome:r=13": 0.95}
+
+
+def _specs(extra: list[str] | None) -> list[str]:
+    """Default reducers plus every other registered one (imagepiece, mstm, ...) at its defaults."""
+    if extra:
+        return extra
+    covered = {spec.split(":")[0] for spec in DEFAULT_SPECS} | {NONE}
+    return DEFAULT_SPECS + [cls.name for cls in list_reducers() if cls.name not in covered]
+
+
+def _model(name: str, checkpoint: str | None) -> tuple[torch.nn.Module, str]:
+    import timm
+
+    timm_name = resolve_name(name)
+    model = timm.create_model(timm_name, pretrained=False).eval()
+    path = checkpoint or os.environ.get("IPBENCH_CHECKPOINT") or REAL_WEIGHTS.get(timm_name)
+    if path is None or not Path(path).is_file():
+        return model, "random weights"
+    load_checkpoint(model, path)
+    return model, f"weights {path}"
+
+
+def _images(model: torch.nn.Module, batch_size: int, data: str | None) -> torch.Tensor:
+    root = data or os.environ.get("IPBENCH_DATA") or str(SHARED / "data" / "nips17-dev")
+    source = open_source(root, model, limit=batch_size)
+    batch, _ = next(source.batches(batch_size=batch_size))
+    return normalize(batch, source.mean, source.std)
+
+
+def _gmacs(name: str, model: torch.nn.Module, image: torch.Tensor) -> float:
+    """fvcore's count; the analytic one (said on stderr) where torch.jit cannot trace the model."""
+    try:
+        return count_gmacs(model, image).gmacs
+    except RuntimeError as exc:
+        print(f"{name}: {str(exc).splitlines()[0][:200]}\n  -> using the analytic GMACs", file=sys.stderr)
+        return analytic_gmacs(model)
+
+
+def _progress(done: int, total: int, what: str) -> None:
+    """One self-overwriting status line on a terminal; nothing when the output is captured."""
+    if sys.stderr.isatty():
+        end = "" if done < total else "\n"
+        print(f"\r  [{done:3d}/{total}] {what:<40}", end=end, file=sys.stderr, flush=True)
+
+
+def _row(name: str, tokens: int, gmacs: float, ratio: float, speed: SpeedResult) -> tuple[str, float | None]:
+    """One table line, and the figure checked against its target (None for plain timm)."""
+    if name == PLAIN:
+        figure, target = None, None
+    elif name == NONE:
+        figure, target = speed.speedup, ENGINE_TARGET
+    else:
+        figure, target = speed.speedup / ratio, EFFICIENCY_TARGETS.get(name, EFFICIENCY_TARGET)
+    verdict = "" if target is None else ("ok" if figure >= target else "MISSED") + f" (>= {target:.2f})"
+    quotient = "" if name in (PLAIN, NONE) else f"{speed.speedup / ratio:6.3f}"
+    line = (
+        f"{name:<22}{tokens:>5} {gmacs:7.3f} {ratio:6.3f}x {speed.images_per_s:7.1f} "
+        f"[{speed.images_per_s_min:6.1f}-{speed.images_per_s_max:6.1f}] "
+        f"{speed.speedup:6.3f}x [{speed.speedup_min:5.3f}-{speed.speedup_max:5.3f}] {quotient:>7}  {verdict}"
+    )
+    return line, (None if target is None else figure - target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="deit_t", help="alias (deit_t/s/b) or timm name")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--min-seconds", type=float, default=2.0, help="per timing")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--reducer", action="append", dest="reducers", metavar="SPEC",
+                        help=f"reducer spec, repeatable (default: {', '.join(DEFAULT_SPECS)} "
+                        "and every other registered reducer)")
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--data", default=None, help="image folder (default: ../shared/data/nips17-dev)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    plain, weights = _model(args.model, args.checkpoint)
+    images = _images(plain, args.batch_size, args.data)
+    models: dict[str, torch.nn.Module] = {PLAIN: plain}
+    for spec in [NONE, *_specs(args.reducers)]:
+        models[spec] = apply_reducer(copy.deepcopy(plain), parse_spec(spec))
+    tokens = {name: token_plan(m).final for name, m in models.items()}
+    gmacs = {name: _gmacs(name, m, images[:1]) for name, m in models.items()}
+
+    print(f"{resolve_name(args.model)} ({weights}), batch {images.shape[0]} real images, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"{args.repeats} interleaved rounds of >= {args.min_seconds:g} s per model")
+    speeds = measure_throughput(models, images, baseline=PLAIN, repeats=args.repeats,
+                                min_seconds=args.min_seconds, warmup=args.warmup, progress=_progress)
+
+    print(f"\n{'config':<22}{'tok':>5} {'GMACs':>7} {'ratio':>7} {'img/s':>7} {'[min-max]':>15} "
+          f"{'speed-up':>7} {'[min-max]':>13} {'sp/ratio':>8}  target")
+    missed = []
+    for name, model_speed in speeds.items():
+        line, margin = _row(name, tokens[name], gmacs[name], gmacs[PLAIN] / gmacs[name], model_speed)
+        print(line)
+        if margin is not None and margin < 0:
+            missed.append(name)
+    print("\nall targets met" if not missed else f"\ntargets missed: {', '.join(missed)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

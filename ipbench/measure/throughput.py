@@ -1,0 +1,225 @@
+"""Interleaved throughput of several models on one fixed batch, with paired speed-up ratios.
+
+Machines drift (thermal state, other processes, frequency scaling): on a 2-core CPU two runs of
+the same model differ by 15-35 %. Timing the baseline once and each reducer later would put that
+drift into the speed-up. Instead every round times every model once, back to back, in an order
+rotated each round (no model always runs first or after the same neighbour), and the speed-up of
+a model is the median over rounds of ``baseline time / model time`` within the same round.
+
+Protocol (DESIGN.md): the model only, one batch already on the device, ``torch.inference_mode``,
+a warm-up per model, then ``repeats`` rounds; each timing repeats the forward pass for at least
+``min_seconds``, CUDA synchronised before the clock is read. Reduced precision runs through
+autocast (float16/bfloat16 on CUDA, bfloat16 on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from time import perf_counter
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ProgressFn", "SpeedResult", "measure_throughput", "precision_context", "resolve_dtype"]
+
+ProgressFn = Callable[[int, int, str], None]
+"""``progress(done, total, what)``: called after every warm-up and every timing."""
+
+_DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class SpeedResult:
+    """Throughput of one model over the rounds of a run, and its paired speed-up.
+
+    ``images_per_s*`` are the median/min/max over rounds. ``speedup*`` are the median/min/max of
+    the per-round ratios ``baseline seconds / model seconds`` (the baseline's own are exactly 1).
+    ``round_seconds`` holds the mean seconds per batch of each round, in round order.
+    """
+
+    name: str
+    images_per_s: float
+    images_per_s_min: float
+    images_per_s_max: float
+    speedup: float
+    speedup_min: float
+    speedup_max: float
+    baseline: str
+    round_seconds: tuple[float, ...]
+    round_ratios: tuple[float, ...]
+    batch_size: int
+    device: str
+    dtype: str
+    threads: int
+    compiled: bool
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A torch dtype from a dtype or a name ("float32", "bf16", "fp16", ...)."""
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    else:
+        resolved = _DTYPE_NAMES.get(str(dtype).lower().removeprefix("torch."))
+        if resolved is None:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+    if resolved not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"unsupported dtype {resolved}; use float32, bfloat16 or float16")
+    return resolved
+
+
+def precision_context(device: torch.device | str, dtype: torch.dtype | str) -> contextlib.AbstractContextManager:
+    """Autocast for reduced precision (weights stay float32); ValueError where torch has none.
+
+    float16 and bfloat16 on CUDA, bfloat16 on CPU (CPU autocast has no float16 kernels worth
+    timing); float32 is a no-op context.
+    """
+    device, dtype = torch.device(device), resolve_dtype(dtype)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=dtype)
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if device.type == "cpu":
+        raise ValueError("float16 is not supported on CPU; use bfloat16 or float32 (or a CUDA device)")
+    raise ValueError(f"{dtype} is supported on cuda and cpu only, not on {device.type}")
+
+
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _rotated(names: list[str], round_index: int) -> Iterator[str]:
+    """Round r starts at the r-th model: every model runs in every position equally often."""
+    shift = round_index % len(names)
+    yield from names[shift:] + names[:shift]
+
+
+def _time_calls(
+    model: Callable[[Tensor], object],
+    images: Tensor,
+    min_seconds: float,
+    per_call_guess: float,
+    sync: Callable[[], None],
+) -> float:
+    """Mean seconds per forward over a run of at least ``min_seconds``.
+
+    Calls are issued in chunks sized from the current estimate, so the clock (and, on CUDA, a
+    synchronisation) is read once per chunk rather than once per call.
+    """
+    calls, elapsed = 0, 0.0
+    sync()
+    start = perf_counter()
+    while calls == 0 or elapsed < min_seconds:
+        per_call = elapsed / calls if calls else per_call_guess
+        chunk = max(1, math.ceil((min_seconds - elapsed) / max(per_call, 1e-9)))
+        for _ in range(chunk):
+            model(images)
+        calls += chunk
+        sync()
+        elapsed = perf_counter() - start
+    return elapsed / calls
+
+
+def measure_throughput(
+    models: Mapping[str, nn.Module],
+    images: Tensor,
+    baseline: str,
+    repeats: int = 5,
+    min_seconds: float = 2.0,
+    warmup: int = 2,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    compile: bool = False,
+    progress: ProgressFn | None = None,
+) -> dict[str, SpeedResult]:
+    """Time every model on the same batch, interleaved, and pair each with ``baseline``.
+
+    ``models`` maps a name to a model; they are moved to ``device`` (default: the images'
+    device) and put in eval mode. ``warmup`` forward passes per model come first (the last one
+    sizes the timing loop; with ``compile=True`` the first one compiles, so keep ``warmup >= 2``).
+    Then ``repeats`` rounds: each times every model once for at least ``min_seconds``, the order
+    rotated each round. Returns one :class:`SpeedResult` per model, in the order of ``models``.
+    """
+    names = list(models)
+    if not names:
+        raise ValueError("no models to time")
+    if baseline not in models:
+        raise ValueError(f"baseline {baseline!r} is not one of the models: {', '.join(names)}")
+    if repeats < 1 or warmup < 1:
+        raise ValueError("repeats and warmup must be at least 1")
+    if images.dim() != 4 or images.shape[0] < 1:
+        raise ValueError(f"images must be a non-empty (B, C, H, W) batch, got {tuple(images.shape)}")
+    dev = torch.device(device) if device is not None else images.device
+    dt = resolve_dtype(dtype)
+    precision = precision_context(dev, dt)  # raises before anything moves for an unsupported pair
+    sync = _synchronizer(dev)
+    batch = images.to(dev)
+    runners: dict[str, Callable[[Tensor], object]] = {}
+    for name in names:
+        model = models[name].to(dev).eval()
+        runners[name] = torch.compile(model) if compile else model
+
+    total_steps = len(names) * (1 + repeats)
+    done = 0
+    per_call: dict[str, float] = {}
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    with torch.inference_mode(), precision:
+        for name in names:
+            for _ in range(warmup):
+                sync()
+                start = perf_counter()
+                runners[name](batch)
+                sync()
+                per_call[name] = perf_counter() - start
+            done += 1
+            if progress:
+                progress(done, total_steps, f"warm-up {name}")
+        for r in range(repeats):
+            for name in _rotated(names, r):
+                t = _time_calls(runners[name], batch, min_seconds, per_call[name], sync)
+                per_call[name] = t
+                seconds[name].append(t)
+                done += 1
+                if progress:
+                    progress(done, total_steps, f"round {r + 1}/{repeats} {name}")
+
+    n_images = batch.shape[0]
+    threads = torch.get_num_threads()
+    results: dict[str, SpeedResult] = {}
+    for name in names:
+        ips = [n_images / s for s in seconds[name]]
+        ratios = [b / s for b, s in zip(seconds[baseline], seconds[name])]
+        results[name] = SpeedResult(
+            name=name,
+            images_per_s=statistics.median(ips),
+            images_per_s_min=min(ips),
+            images_per_s_max=max(ips),
+            speedup=statistics.median(ratios),
+            speedup_min=min(ratios),
+            speedup_max=max(ratios),
+            baseline=baseline,
+            round_seconds=tuple(seconds[name]),
+            round_ratios=tuple(ratios),
+            batch_size=n_images,
+            device=str(dev),
+            dtype=str(dt).removeprefix("torch."),
+            threads=threads,
+            compiled=compile,
+        )
+    return results
