@@ -99,6 +99,109 @@ SWEEP_COLUMNS: list[str] = [
 ]
 
 
+# The analysis CSVs (ipbench.analyses): who/what/which reducer first, then the command's own
+# columns, then where and how it ran. `layer` is a 0-indexed block, or "all" for the pooled row.
+_ANALYSIS_HEAD: list[str] = [
+    "timestamp",
+    "config_key",
+    "model",
+    "checkpoint",
+    "checkpoint_sha256",
+    "data",
+    "num_images",
+    "reducer",
+    "reducer_spec",
+    "reducer_params",
+    "training_free",
+    "tokens_per_layer",
+    "final_tokens",
+]
+_ANALYSIS_TAIL: list[str] = [
+    "device",
+    "device_name",
+    "dtype",
+    "batch_size",
+    "threads",
+    "seed",
+    "torch",
+    "timm",
+    "ipbench",
+]
+
+# results/robustness.csv: top-1 under random 16x16 masks (paper Table 4), one row per reducer and count.
+ROBUSTNESS_COLUMNS: list[str] = [
+    *_ANALYSIS_HEAD,
+    "mask_count",  # masked squares per image
+    "mask_fraction",  # mask_count / patches of the grid
+    "placement",  # patch (distinct grid cells) | free (any pixel position, may overlap)
+    "fill",  # zero (0 in normalised space) | mean (the image's channel means) | noise (N(0,1), normalised)
+    "top1",
+    "top5",
+    "correct1",
+    "correct5",
+    *_ANALYSIS_TAIL,
+]
+
+# results/similarity.csv: cosine similarity of merged pairs (paper Tables 6, 8), per block and features.
+SIMILARITY_COLUMNS: list[str] = [
+    *_ANALYSIS_HEAD,
+    "layer",
+    "features",  # metric (what the reducer matched on) | hidden (hidden states)
+    "metric",  # the matching metric's name (keys = head-mean keys, x = hidden states)
+    "pairs",  # merged | pruned (imagepiece retok=prune: the pairs that would have merged)
+    "mean_cos",
+    "std_cos",
+    "n_pairs",
+    *_ANALYSIS_TAIL,
+]
+
+# results/importance.csv: share of merged tokens in the top-p by CLS attention (paper Table 7).
+IMPORTANCE_COLUMNS: list[str] = [
+    *_ANALYSIS_HEAD,
+    "layer",
+    "top_p",  # fraction (0.3 = top 30 %)
+    "tokens",  # src (tokens merged away) | both (and their destinations)
+    "share",  # fraction of the merged tokens inside the top-p set
+    "random_share",  # the same for tokens chosen at random (the top set's size / tokens)
+    "n_top",  # merged tokens inside the top-p set
+    "n_merged",
+    *_ANALYSIS_TAIL,
+]
+
+# results/attentiveness.csv: inattentive tokens that are attentive in the next block (paper Table 5).
+ATTENTIVENESS_COLUMNS: list[str] = [
+    *_ANALYSIS_HEAD,
+    "layer",  # the re-tokenize block; attentiveness is read again in layer + 1
+    "attentive_rate",  # attentive = inside the top attentive_rate fraction by CLS attention
+    "population",  # merged (inattentive tokens that took part in a merge) | inattentive (all of them)
+    "share_became_attentive",
+    "n_became_attentive",
+    "n_inattentive",
+    *_ANALYSIS_TAIL,
+]
+
+# results/coherence.csv: ImagePiece's local-coherence ablation (paper Table 8), one row per variant.
+COHERENCE_COLUMNS: list[str] = [
+    *_ANALYSIS_HEAD,
+    "locality",  # λ of the training-free locality penalty (0 = off)
+    "retok",  # merge | prune (the control: same schedule, pairs dropped)
+    "stem",  # patch (timm's patch embedding) | conv (the learned local-coherence stem)
+    "top1",
+    "top5",
+    "correct1",
+    "correct5",
+    "gmacs",  # fvcore (+ SDPA handle) on one image
+    "gmacs_analytic",  # from the static token plan (empty for the conv stem)
+    "flop_counter",  # fvcore+sdpa, or analytic where torch.jit cannot trace the reducer
+    "sim_metric",  # mean cosine of the merged (or pruned) pairs over all blocks, matching metric
+    "sim_hidden",  # the same on hidden states
+    "sim_metric_first",  # in the first re-tokenize block only (the paper's Table 8 value)
+    "sim_hidden_first",
+    "n_pairs",
+    *_ANALYSIS_TAIL,
+]
+
+
 HASH_COLUMNS = ("config_key", "checkpoint_sha256")
 
 

@@ -1,0 +1,133 @@
+"""`ipbench similarity`: how similar are the tokens a reducer merges? (paper Tables 6 and 8)
+
+For every merged pair (src → dst) of every block, the cosine similarity on the features the
+reducer matched on (``metric``: head-mean keys for ToMe/ImagePiece/MSTM by default) and on the
+hidden states (``hidden``); averaged per block over all pairs of all images, and over all blocks
+(row ``layer=all``). A reducer that only prunes has no pairs: a note, no rows. ImagePiece with
+``retok=prune`` has the pairs that WOULD have merged (``pairs=pruned``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from ipbench.analyses import common
+from ipbench.models import ReducerInfo
+from ipbench.reducers.trace import Trace, entries, merged_pair_similarity
+from ipbench.results import SIMILARITY_COLUMNS
+
+DEFAULT_REDUCERS = "tome:r=13,imagepiece,mstm"
+FEATURES = {"metric": "metric", "hidden": "x"}  # CSV name -> trace name
+
+
+def merge_op(trace: Trace) -> str | None:
+    """'merge' if the trace has merged pairs, 'prune' if only pruned pairs (retok=prune), else None."""
+    for op in ("merge", "prune"):
+        if any(e["src"].shape[1] > 0 for e in entries(trace, op)):
+            return op
+    return None
+
+
+class Moments:
+    """Running sum, sum of squares and count (float64 from float32 cosines)."""
+
+    def __init__(self) -> None:
+        self.s = self.ss = 0.0
+        self.n = 0
+
+    def add(self, v: Tensor) -> None:
+        v = v.double()
+        self.s += float(v.sum())
+        self.ss += float((v * v).sum())
+        self.n += v.numel()
+
+    @property
+    def mean(self) -> float:
+        return self.s / self.n if self.n else float("nan")
+
+    @property
+    def std(self) -> float:
+        if not self.n:
+            return float("nan")
+        return max(0.0, self.ss / self.n - self.mean ** 2) ** 0.5
+
+
+class Similarity(common.Analysis):
+    command = "similarity"
+
+    def __init__(self, setup: common.Setup, spec: str) -> None:
+        super().__init__(setup, spec)
+        self.op = "merge"
+        self.metric = ""
+        self.sums: dict[tuple[Any, str], Moments] = {}
+
+    def skip_reason(self, probe: Trace) -> str | None:
+        op = merge_op(probe)
+        if op is None:
+            return "merges no tokens (pruning only), so there are no merged pairs"
+        self.op = op
+        found = [e for e in entries(probe, op) if e["src"].shape[1] > 0]
+        self.layers = sorted({e["layer"] for e in found})
+        self.metric = "/".join(dict.fromkeys(str(e.get("metric", "keys")) for e in found))
+        return None
+
+    def _key(self, layer: Any, features: str) -> str:
+        return self.key(layer=layer, features=features, pairs=self.op)
+
+    def row_keys(self) -> list[str]:
+        return [self._key(layer, f) for f in FEATURES for layer in [*self.layers, "all"]]
+
+    def add(self, trace: Trace, logits: Tensor, labels: Tensor) -> None:
+        for feat, on in FEATURES.items():
+            for layer, sims in merged_pair_similarity(trace, on, op=self.op).items():
+                if sims.numel():
+                    self.sums.setdefault((layer, feat), Moments()).add(sims)
+                    self.sums.setdefault(("all", feat), Moments()).add(sims)
+
+    def rows(self, info: ReducerInfo) -> list[dict[str, Any]]:
+        out = []
+        layers = sorted({k[0] for k in self.sums if k[0] != "all"})
+        for feat in FEATURES:
+            for layer in [*layers, "all"]:
+                acc = self.sums.get((layer, feat), Moments())
+                out.append({
+                    **common.row_fields(self.setup, info, self._key(layer, feat)),
+                    "layer": layer, "features": feat, "metric": self.metric if feat == "metric" else "x",
+                    "pairs": "merged" if self.op == "merge" else "pruned",
+                    "mean_cos": common.rounded(acc.mean, 5), "std_cos": common.rounded(acc.std, 5),
+                    "n_pairs": acc.n,
+                })
+        # the pooled rows last: their presence marks the reducer as done
+        return sorted(out, key=lambda r: r["layer"] == "all")
+
+
+def run(s: common.Settings) -> common.Outcome:
+    return common.run_traced(s, "similarity", SIMILARITY_COLUMNS, DEFAULT_REDUCERS, Similarity)
+
+
+def print_table(out: common.Outcome) -> None:
+    """Paper Table 6's shape: mean cosine of merged pairs in the first and last merging block."""
+    assert out.setup is not None
+    t = common.table(
+        f"similarity: merged pairs, {out.setup.timm_name} (paper Tables 6, 8)",
+        ["reducer", "features", "first block", "last block", "all blocks", "pairs"],
+        f"mean cosine similarity of the merged pairs on {len(out.setup.images)} images of {out.setup.source.path}; "
+        "features: metric = what the reducer matched on (head-mean keys by default), hidden = hidden states; "
+        "blocks 0-indexed.\n" + common.training_free_note(out.setup))
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in out.rows:
+        groups.setdefault((r["reducer_spec"], r["features"]), []).append(r)
+    for (spec, feat), rows in groups.items():
+        per_layer = {int(r["layer"]): r for r in rows if str(r["layer"]) != "all"}
+        pooled = next((r for r in rows if str(r["layer"]) == "all"), None)
+        if not per_layer or pooled is None:
+            continue
+        first, last = per_layer[min(per_layer)], per_layer[max(per_layer)]
+        pruned = " (pruned pairs)" if rows[0]["pairs"] == "pruned" else ""
+        t.add_row(common.short_label(spec) + pruned, f"{feat} ({rows[0]['metric']})",
+                  f"{float(first['mean_cos']):.4f} (block {first['layer']})",
+                  f"{float(last['mean_cos']):.4f} (block {last['layer']})",
+                  f"{float(pooled['mean_cos']):.4f}", str(pooled["n_pairs"]))
+    common.console().print(t)
