@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,9 +230,12 @@ def open_source(spec: str, model_or_cfg: nn.Module | dict[str, Any], limit: int 
                       dataset=_Files(items, uint8_transform(cfg)), **common)
 
 
-def decode_all(source: DataSource, max_bytes: int, batch_size: int = 64,
-               workers: int = 0) -> tuple[Tensor, Tensor]:
-    """Decode the whole source into one uint8 tensor, for measurements that reuse the same images."""
+def decode_all(source: DataSource, max_bytes: int, batch_size: int = 64, workers: int = 0,
+               advance: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor]:
+    """Decode the whole source into one uint8 tensor, for measurements that reuse the same images.
+
+    advance(n) is called after each batch of n images (a progress bar's hook).
+    """
     c, h, w = source.input_size
     need = source.num_images * c * h * w
     if need > max_bytes:
@@ -245,6 +248,10 @@ def decode_all(source: DataSource, max_bytes: int, batch_size: int = 64,
         images[n:n + len(batch)] = batch
         labels[n:n + len(batch)] = batch_labels
         n += len(batch)
+        if advance is not None:
+            advance(len(batch))
+    if n == 0:
+        raise UserError(f"no readable image in {source.path}")
     return images[:n], labels[:n]
 
 

@@ -218,6 +218,18 @@ def _existing_header(path: Path) -> list[str] | None:
         return next(csv.reader(f), None)
 
 
+def _refuse_other_columns(file: Path, header: list[str] | None, columns: list[str]) -> None:
+    if header is not None and header != columns:
+        raise UserError(f"{file} was written with different columns (an older ipbench or another command); "
+                        "use another --out folder")
+
+
+def check_header(path: str | os.PathLike, columns: list[str]) -> None:
+    """Refuse a CSV written with other columns now, before minutes of measuring, not at the first row."""
+    file = Path(path)
+    _refuse_other_columns(file, _existing_header(file), columns)
+
+
 def append_row(path: str | os.PathLike, row: dict[str, Any], columns: list[str]) -> None:
     """Append one complete row (writing the header first for a new file), flushed to disk."""
     file = Path(path)
@@ -226,9 +238,7 @@ def append_row(path: str | os.PathLike, row: dict[str, Any], columns: list[str])
         raise ValueError(f"row has fields outside the schema: {sorted(unknown)}")
     file.parent.mkdir(parents=True, exist_ok=True)
     header = _existing_header(file)
-    if header is not None and header != columns:
-        raise UserError(f"{file} was written with different columns (an older ipbench or another command); "
-                        "use another --out folder")
+    _refuse_other_columns(file, header, columns)
     text = _csv_line([row.get(c, "") for c in columns])
     if header is None:
         text = _csv_line(columns) + text

@@ -61,7 +61,7 @@ from ipbench.calibrate import (
     tome_r_for_keep,
     tome_r_max,
 )
-from ipbench.data import DataSource, batched, normalize, open_source
+from ipbench.data import DataSource, batched, decode_all, normalize, open_source
 from ipbench.errors import UserError
 from ipbench.measure.accuracy import Result, evaluate
 from ipbench.measure.flops import count_gmacs
@@ -305,23 +305,6 @@ def first_images(source: DataSource, n: int, workers: int) -> Tensor:
     raise UserError(f"no readable image in {source.path}")
 
 
-def _decode(source: DataSource, batch_size: int, workers: int,
-            advance: Callable[[int], None]) -> tuple[Tensor, Tensor]:
-    """All images of `source` as one uint8 tensor (as `ipbench.data.decode_all`, with progress)."""
-    c, h, w = source.input_size
-    images = torch.empty((source.num_images, c, h, w), dtype=torch.uint8)
-    labels = torch.empty(source.num_images, dtype=torch.long)
-    n = 0
-    for batch, batch_labels in source.batches(batch_size, workers):
-        images[n:n + len(batch)] = batch
-        labels[n:n + len(batch)] = batch_labels
-        n += len(batch)
-        advance(len(batch))
-    if n == 0:
-        raise UserError(f"no readable image in {source.path}")
-    return images[:n], labels[:n]
-
-
 # ---------------------------------------------------------------------------------------------
 # the one progress display
 
@@ -497,16 +480,6 @@ def last_rows(path: Path, keys: Iterable[str]) -> list[dict[str, str]]:
     return [by_key[k] for k in keys if k in by_key]
 
 
-def check_header(path: Path, columns: list[str]) -> None:
-    """Refuse a CSV written with other columns now, not after minutes of measuring."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    with path.open(newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), None)
-    if header is not None and header != columns:
-        raise UserError(f"{path} was written with different columns (an older ipbench or another "
-                        "command); use another --out folder")
-
 
 # ---------------------------------------------------------------------------------------------
 # the sweep
@@ -558,7 +531,7 @@ def _mem_need(source: DataSource) -> int:
 def run_sweep(s: SweepSettings) -> SweepReport:
     """Measure every configuration not yet in ``out/sweep.csv`` and append its row."""
     csv_path = s.out / "sweep.csv"
-    check_header(csv_path, results.SWEEP_COLUMNS)
+    results.check_header(csv_path, results.SWEEP_COLUMNS)
     sp = s.speed
     check_precision(sp.device, sp.dtype)
     if sp.threads is not None:
@@ -608,7 +581,7 @@ def _measure(s: SweepSettings, net: nn.Module, source: DataSource, ident: Identi
         decoded: tuple[Tensor, Tensor] | None = None
         if in_memory:
             d.start_phase("decoding images", source.num_images)
-            decoded = _decode(source, sp.batch_size, s.workers, d.advance)
+            decoded = decode_all(source, s.max_decoded_mib * 2**20, sp.batch_size, s.workers, d.advance)
             first = decoded[0][:sp.batch_size]
         else:
             first = first_images(source, sp.batch_size, s.workers)
@@ -818,7 +791,7 @@ def run_flops(model: str, checkpoint: str | None, data: str, reducers: list[str]
               ) -> tuple[Path, list[dict[str, Any]]]:
     """GMACs per image (fvcore + SDPA handle, on real images) and the analytic count, per reducer."""
     csv_path = out / "flops.csv"
-    check_header(csv_path, results.SWEEP_COLUMNS)
+    results.check_header(csv_path, results.SWEEP_COLUMNS)
     if threads is not None:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -861,7 +834,7 @@ def run_speed(model: str, checkpoint: str | None, data: str, reducers: list[str]
               seed: int, out: Path, progress: bool = True) -> tuple[Path, list[dict[str, Any]]]:
     """Interleaved throughput of the baseline and every reducer on one fixed batch of real images."""
     csv_path = out / "speed.csv"
-    check_header(csv_path, results.SWEEP_COLUMNS)
+    results.check_header(csv_path, results.SWEEP_COLUMNS)
     check_precision(speed.device, speed.dtype)
     if speed.threads is not None:
         torch.set_num_threads(speed.threads)

@@ -27,7 +27,7 @@ from ipbench.measure.flops import COUNTER_NAME, analytic_gmacs, count_gmacs
 from ipbench.reducers import parse_spec, set_tracing, token_plan
 from ipbench.reducers.imagepiece import checkpoint_has_conv_stem, load_conv_stem_checkpoint
 from ipbench.reducers.trace import Trace, merged_pair_similarity
-from ipbench.results import COHERENCE_COLUMNS, append_row
+from ipbench.results import COHERENCE_COLUMNS, append_row, check_header
 
 DEFAULT_REDUCERS = "imagepiece"
 DEFAULT_LOCALITIES = "0,0.5,1,2"
@@ -154,7 +154,7 @@ class _Gmacs:
 
 def run(s: common.Settings, localities: list[float], prune: bool, stem_checkpoint: str | None) -> common.Outcome:
     csv_path = s.out / "coherence.csv"
-    common.check_header(csv_path, COHERENCE_COLUMNS)
+    check_header(csv_path, COHERENCE_COLUMNS)
     bases = common.reducer_specs(s.reducers, DEFAULT_REDUCERS)
     todo = variants(bases, localities, prune, stem_checkpoint is not None)
     _check_main_checkpoint(s.checkpoint)

@@ -21,7 +21,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from ipbench import models, results
-from ipbench.data import SYNTHETIC, DataSource, batched, normalize, open_source
+from ipbench.data import SYNTHETIC, DataSource, batched, decode_all, normalize, open_source
 from ipbench.errors import UserError
 from ipbench.measure.accuracy import progress_bar
 from ipbench.models import ReducerInfo
@@ -103,24 +103,10 @@ def load(s: Settings, what: str) -> Setup:
 
 def decode(source: DataSource, batch_size: int, workers: int, progress: bool, what: str) -> tuple[Tensor, Tensor]:
     """Every image of `source` as one uint8 tensor (kept for all reducers and passes)."""
-    c, h, w = source.input_size
-    need = source.num_images * c * h * w
-    if need > MAX_DECODED_BYTES:
-        raise UserError(f"{source.num_images} images at {h}x{w} need {need / 2**20:.0f} MiB decoded, more than "
-                        f"{MAX_DECODED_BYTES / 2**20:.0f} MiB; use --limit")
-    images = torch.empty((source.num_images, c, h, w), dtype=torch.uint8)
-    labels = torch.empty(source.num_images, dtype=torch.long)
-    n = 0
     with passes(progress) as bar:
         task = bar.add_task(f"{what}: decode", total=source.num_images)
-        for batch, batch_labels in source.batches(batch_size, workers):
-            images[n:n + len(batch)] = batch
-            labels[n:n + len(batch)] = batch_labels
-            n += len(batch)
-            bar.advance(task, len(batch))
-    if n == 0:
-        raise UserError(f"no readable image in {source.path}")
-    return images[:n], labels[:n]
+        return decode_all(source, MAX_DECODED_BYTES, batch_size, workers,
+                          lambda n: bar.advance(task, n))
 
 
 class _Silent:
@@ -257,16 +243,6 @@ def rows_by_key(path: Path) -> dict[str, dict[str, str]]:
         return {row["config_key"]: row for row in csv.DictReader(f) if row.get("config_key")}
 
 
-def check_header(path: Path, columns: list[str]) -> None:
-    """Refuse a CSV written with other columns before measuring, not after."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    with path.open(newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), None)
-    if header is not None and header != columns:
-        raise UserError(f"{path} was written with different columns (an older ipbench or another command); "
-                        "use another --out folder")
-
 
 def rounded(value: float | None, digits: int) -> Any:
     """A number for a CSV cell: rounded, or empty when not available (nan/None)."""
@@ -371,7 +347,7 @@ def run_traced(s: Settings, command: str, columns: list[str], default_reducers: 
     """Trace every reducer over all images and write its rows (reducers already done are skipped,
     their rows read back for the table)."""
     csv_path = s.out / f"{command}.csv"
-    check_header(csv_path, columns)
+    results.check_header(csv_path, columns)
     specs = reducer_specs(s.reducers, default_reducers)
     setup = load(s, command)
     out = Outcome(csv_path=csv_path, setup=setup)

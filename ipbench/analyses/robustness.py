@@ -24,7 +24,7 @@ from ipbench.analyses.masking import (
 )
 from ipbench.errors import UserError
 from ipbench.measure.accuracy import Result
-from ipbench.results import ROBUSTNESS_COLUMNS, append_row
+from ipbench.results import ROBUSTNESS_COLUMNS, append_row, check_header
 
 DEFAULT_REDUCERS = "tome:r=13,evit,imagepiece"
 
@@ -80,7 +80,7 @@ def run(s: common.Settings, counts: list[int] | None, fraction: float | None, pl
         fill: str) -> common.Outcome:
     """Measure every reducer (and the baseline) at every mask count; write one row each."""
     csv_path = s.out / "robustness.csv"
-    common.check_header(csv_path, ROBUSTNESS_COLUMNS)
+    check_header(csv_path, ROBUSTNESS_COLUMNS)
     specs = list(dict.fromkeys([common.BASELINE, *common.reducer_specs(s.reducers, DEFAULT_REDUCERS)]))
     setup = common.load(s, "robustness")
     if not setup.has_labels:
