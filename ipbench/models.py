@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import socket
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -60,10 +58,12 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def create_model(name: str, checkpoint: str | None, device: str = "cpu", **kwargs: Any) -> nn.Module:
-    """A timm model in eval mode with weights from `checkpoint`, or else timm's (cached) hub download."""
+def create_model(name: str, checkpoint: str | None, device: str = "cpu", pretrained: bool = True,
+                 **kwargs: Any) -> nn.Module:
+    """A timm model in eval mode with weights from `checkpoint`, else timm's (cached) hub download, or
+    with `pretrained=False` timm's random initialisation (seeded by torch's global generator)."""
     timm_name = resolve_name(name)
-    if checkpoint is None and not _offline() and not _hub_reachable():
+    if checkpoint is None and pretrained and not _offline() and not _hub_reachable():
         _go_offline()
     import timm
 
@@ -76,6 +76,8 @@ def create_model(name: str, checkpoint: str | None, device: str = "cpu", **kwarg
     if checkpoint is not None:
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
         load_checkpoint(model, checkpoint)
+    elif not pretrained:
+        model = timm.create_model(timm_name, pretrained=False, **kwargs)
     else:
         try:
             model = timm.create_model(timm_name, pretrained=True, **kwargs)
@@ -157,41 +159,3 @@ def checkpoint_sha256(path: str | os.PathLike) -> str:
     resolved = Path(path).resolve()
     st = resolved.stat()
     return _sha256(str(resolved), st.st_size, st.st_mtime_ns)
-
-
-@dataclass
-class ReducerInfo:
-    """What a result row records about the reducer a model runs with."""
-
-    spec: str
-    name: str
-    params: dict[str, Any] = field(default_factory=dict)
-    training_free: bool = True
-    tokens_per_layer: list[int] = field(default_factory=list)
-
-    @property
-    def params_json(self) -> str:
-        return json.dumps(self.params, sort_keys=True, separators=(",", ":"))
-
-    @property
-    def final_tokens(self) -> int:
-        return self.tokens_per_layer[-1] if self.tokens_per_layer else 0
-
-
-def prepare_reducer(model: nn.Module, spec: str) -> ReducerInfo:
-    """Patch `model` in place with the reducer named by `spec` (a UserError for a bad spec).
-
-    "none" leaves the model unpatched: the baseline is exactly plain timm, not the engine.
-    """
-    from ipbench.reducers import apply_reducer, parse_spec, token_plan
-
-    policy = parse_spec(spec)
-    if policy.name != "none":
-        apply_reducer(model, policy)
-    return ReducerInfo(
-        spec=policy.spec,
-        name=policy.name,
-        params=dict(policy.params),
-        training_free=bool(policy.training_free),
-        tokens_per_layer=list(token_plan(model).after),
-    )

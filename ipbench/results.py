@@ -11,8 +11,7 @@ import hashlib
 import io
 import json
 import os
-import platform
-from datetime import datetime, timezone
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,11 +27,13 @@ EVAL_COLUMNS: list[str] = [
     "model",
     "checkpoint",
     "checkpoint_sha256",
+    "weights",  # checkpoint (a local file) | pretrained (timm's hub weights) | random (timm's initialisation)
     "data",
     "num_images",
     "skipped_images",
     "reducer",
     "reducer_params",
+    "reducer_label",  # the short label tables and plots show (knob and parameters off their defaults)
     "training_free",
     "tokens_per_layer",
     "final_tokens",
@@ -42,7 +43,9 @@ EVAL_COLUMNS: list[str] = [
     "correct5",
     "device",
     "device_name",
-    "dtype",
+    "dtype",  # the precision the model computed in: amp_dtype under autocast, else model_dtype
+    "amp_dtype",  # autocast dtype (float32 = no autocast)
+    "model_dtype",  # dtype the weights and inputs were cast to
     "batch_size",
     "threads",
     "seed",
@@ -60,11 +63,14 @@ SWEEP_COLUMNS: list[str] = [
     "model",
     "checkpoint",
     "checkpoint_sha256",
+    "weights",
     "data",
     "num_images",
     "reducer",  # reducer name ("none" for the baseline)
     "reducer_spec",  # canonical spec with every parameter
     "reducer_params",  # the same parameters as JSON
+    "reducer_label",  # short label: the knob and the parameters off their defaults
+    "reducer_line",  # the label without the knob: the line a row belongs to in a figure
     "keep_rate",  # the sweep's nominal keep rate this row stands for (empty for the baseline)
     "gmacs_budget",  # --match-gmacs target, empty otherwise
     "training_free",
@@ -90,6 +96,8 @@ SWEEP_COLUMNS: list[str] = [
     "device",
     "device_name",
     "dtype",
+    "amp_dtype",
+    "model_dtype",
     "threads",
     "compile",
     "seed",
@@ -107,11 +115,14 @@ _ANALYSIS_HEAD: list[str] = [
     "model",
     "checkpoint",
     "checkpoint_sha256",
+    "weights",
     "data",
     "num_images",
     "reducer",
     "reducer_spec",
     "reducer_params",
+    "reducer_label",
+    "reducer_line",
     "training_free",
     "tokens_per_layer",
     "final_tokens",
@@ -120,6 +131,8 @@ _ANALYSIS_TAIL: list[str] = [
     "device",
     "device_name",
     "dtype",
+    "amp_dtype",
+    "model_dtype",
     "batch_size",
     "threads",
     "seed",
@@ -265,42 +278,53 @@ def config_key(d: dict[str, Any]) -> str:
     return hashlib.sha1(canonical.encode()).hexdigest()[:12]
 
 
-def _cpu_name() -> str:
+def existing_keys(path: str | os.PathLike) -> set[str]:
+    """config_key of every row already in a result CSV (what a rerun skips)."""
+    return set(rows_by_key(path))
+
+
+def rows_by_key(path: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """The last row of each config_key in a result CSV (a --force rerun appends a newer one)."""
+    file = Path(path)
+    if not file.exists():
+        return {}
+    with file.open(newline="", encoding="utf-8") as f:
+        return {row["config_key"]: row for row in csv.DictReader(f) if row.get("config_key")}
+
+
+def last_rows(path: str | os.PathLike, keys: list[str]) -> list[dict[str, str]]:
+    """The last row of each key, in the order of `keys` (keys without a row are left out)."""
+    by_key = rows_by_key(path)
+    return [by_key[k] for k in keys if k in by_key]
+
+
+REFERENCE_MARKER = ".ipbench-reference"  # a folder of committed reference results holds this file
+WRITE_REFERENCE_ENV = "IPBENCH_WRITE_REFERENCE"  # =1: the maintainers' way to regenerate one
+
+
+def is_reference(folder: str | os.PathLike) -> bool:
+    """Whether `folder` (or a folder above it) holds committed reference results."""
+    path = Path(folder).resolve()
+    return any((p / REFERENCE_MARKER).exists() for p in (path, *path.parents))
+
+
+def prepare_out(folder: str | os.PathLike, option: str = "--out") -> Path:
+    """Create the output folder and check that it can be written, BEFORE anything is measured.
+
+    A path that is a file, lies under a file, or cannot be written is a one-line UserError; so is a
+    folder of committed reference results (unless IPBENCH_WRITE_REFERENCE=1).
+    """
+    path = Path(folder)
+    if is_reference(path) and os.environ.get(WRITE_REFERENCE_ENV, "") != "1":
+        raise UserError(f"{option} {path}: this folder holds committed reference results ({REFERENCE_MARKER}); "
+                        f"write to another folder (or set {WRITE_REFERENCE_ENV}=1 to regenerate it)")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path}: is a file, not a folder")
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: str) -> str:
-    """Human name of the hardware a number was measured on (GPU model or CPU model)."""
-    import torch
-
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return _cpu_name()
-
-
-def common_fields(device: str, dtype: str, batch_size: int, threads: int | None, seed: int) -> dict[str, Any]:
-    """The fields every row carries to say where and how it was measured (no hostname)."""
-    import timm
-    import torch
-
-    import ipbench
-
-    return {
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": device,
-        "device_name": device_name(device),
-        "dtype": dtype,
-        "batch_size": batch_size,
-        "threads": threads if threads is not None else torch.get_num_threads(),
-        "seed": seed,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "ipbench": ipbench.__version__,
-    }
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UserError(f"{option} {path}: cannot write there ({reason})") from None
+    return path

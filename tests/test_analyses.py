@@ -17,18 +17,6 @@ from click.testing import Result
 from torch import nn
 from typer.testing import CliRunner
 
-from ipbench.analyses import common
-from ipbench.analyses.attentiveness import Attentiveness, attentive_rate
-from ipbench.analyses.coherence import parse_localities, variants, with_params
-from ipbench.analyses.importance import Importance, parse_top, random_share, step_shares
-from ipbench.analyses.masking import (
-    image_generators,
-    mask_count_for,
-    mask_images,
-    masked_patch_count,
-)
-from ipbench.analyses.robustness import masked_accuracy
-from ipbench.analyses.similarity import Similarity
 from ipbench.cli import app
 from ipbench.errors import UserError
 from ipbench.reducers import TokenState, parse_spec
@@ -41,6 +29,21 @@ from ipbench.results import (
     ROBUSTNESS_COLUMNS,
     SIMILARITY_COLUMNS,
 )
+from ipbench.runs.analyses.attentiveness import Attentiveness, attentive_rate
+from ipbench.runs.analyses.coherence import parse_localities, variants, with_params
+from ipbench.runs.analyses.common import AnalysisRun
+from ipbench.runs.analyses.importance import Importance, parse_top, random_share, step_shares
+from ipbench.runs.analyses.masking import (
+    image_generators,
+    mask_count_for,
+    mask_images,
+    masked_patch_count,
+)
+from ipbench.runs.analyses.robustness import masker
+from ipbench.runs.analyses.similarity import Similarity
+from ipbench.runs.context import RunContext, RunSpec
+from ipbench.runs.loop import Accuracy, Forward, Job
+from ipbench.runs.plan import config, variant
 
 runner = CliRunner()
 N_IMAGES = 4  # images of the shared subset the in-process tests trace (two batches of 2)
@@ -103,45 +106,59 @@ def test_bad_mask_arguments_are_user_errors(batch: torch.Tensor) -> None:
 
 # -- in-process analyses on a few shared images -------------------------------------------------
 
-@pytest.fixture
-def setup(deit_tiny: nn.Module, shared_subset: Any, tmp_path: Path) -> Any:
-    """A common.Setup over the first N_IMAGES shared images; the session model is unpatched after."""
-    s = common.Settings(batch_size=2, out=tmp_path, progress=False)
-    su = common.Setup(settings=s, net=deit_tiny, timm_name="deit_tiny_patch16_224", checkpoint="test", sha256="",
-                      source=shared_subset.source, images=shared_subset.uint8[:N_IMAGES],
-                      labels=shared_subset.labels[:N_IMAGES])
-    yield su
-    from ipbench.reducers import remove_reducer
+def analysis_run(net: nn.Module, shared_subset: Any, batch_size: int = 2) -> AnalysisRun:
+    ctx = RunContext(spec=RunSpec(batch_size=batch_size), net=net, model="deit_tiny_patch16_224",
+                     weights="checkpoint", checkpoint="test", sha256="", source=shared_subset.source,
+                     threads=torch.get_num_threads())
+    return AnalysisRun(ctx=ctx, images=shared_subset.uint8[:N_IMAGES], labels=shared_subset.labels[:N_IMAGES])
 
-    remove_reducer(deit_tiny)
+
+@pytest.fixture
+def setup(deit_tiny: nn.Module, shared_subset: Any) -> AnalysisRun:
+    """An analysis run over the first N_IMAGES shared images (configurations are patched copies)."""
+    return analysis_run(deit_tiny, shared_subset)
+
+
+class Logits:
+    def __init__(self) -> None:
+        self.seen: list[torch.Tensor] = []
+
+    def add(self, out: Forward) -> None:
+        self.seen.append(out.logits)
+
+
+def traced_rows(setup: AnalysisRun, analysis: Any, spec: str) -> list[dict[str, Any]]:
+    """Probe, trace every image and return the analysis's rows (as the commands do)."""
+    policy = parse_spec(spec)
+    model = variant(setup.net, policy, tracing=True)
+    assert analysis.skip_reason(setup.probe(model)) is None
+    setup.run([Job(spec, model, [analysis], traced=True)], "")
+    return analysis.rows(config(setup.net, policy))
 
 
 @pytest.mark.parametrize("spec", ["none", "tome:r=13", "imagepiece", "mstm", "imagepiece:retok=prune"])
 def test_tracing_analyses_do_not_change_predictions(setup: Any, spec: str) -> None:
-    x = next(setup.batches())[1]
+    x = setup.ctx.inputs(setup.images[:2])  # the first batch
     with torch.inference_mode():
         plain = setup.net(x)
-    with common.Patched(setup.net, spec):
-        with torch.inference_mode():
-            untraced = setup.net(x)
-    with common.Patched(setup.net, spec, tracing=True):
-        traced: list[torch.Tensor] = []
-        common.traced_pass(setup, common._Silent(), "", lambda t, logits, labels: traced.append(logits))
-    assert torch.equal(torch.cat(traced)[:len(x)], untraced.float())
+        untraced = variant(setup.net, spec)(x)
+    traced = Logits()
+    setup.run([Job(spec, variant(setup.net, spec, tracing=True), [traced], traced=True)], "")
+    assert torch.equal(torch.cat(traced.seen)[:len(x)], untraced.float())
     if spec == "none":
         assert torch.equal(untraced, plain)
 
 
-def test_every_reducer_sees_the_same_masked_images(setup: Any) -> None:
+def test_every_reducer_sees_the_same_masked_images(deit_tiny: nn.Module, shared_subset: Any) -> None:
     seen: dict[str, list[torch.Tensor]] = {}
 
     def run(spec: str, batch_size: int) -> None:
-        setup.settings.batch_size = batch_size
+        su = analysis_run(deit_tiny, shared_subset, batch_size)
         inputs: list[torch.Tensor] = []
-        handle = setup.net.register_forward_pre_hook(lambda m, args: inputs.append(args[0].clone()))
+        model = variant(su.net, spec)
+        handle = model.register_forward_pre_hook(lambda m, args: inputs.append(args[0].clone()))
         try:
-            with common.Patched(setup.net, spec):
-                masked_accuracy(setup, 15, "patch", "zero", common._Silent(), "")
+            su.run([Job(spec, model, [Accuracy()], transform=masker(15, "patch", "zero", 0, 16))], "")
         finally:
             handle.remove()
         seen[f"{spec}/{batch_size}"] = [torch.cat(inputs)]
@@ -166,11 +183,10 @@ def test_a_merge_of_identical_tokens_has_similarity_one(setup: Any) -> None:
     plan = MergePlan(keep=torch.tensor([[0, 1, 2, 3]] * 2), src=torch.tensor([[4, 5]] * 2),
                      dst=torch.tensor([[2, 1]] * 2))
     record_merge(st, "hand", plan, metric=x, x=x, cls_attn=torch.full((2, 6), 1 / 6))
-    sim = Similarity(setup, "tome")
+    sim = Similarity(setup, parse_spec("tome"))
     assert sim.skip_reason(st.trace) is None and sim.layers == [2]
-    sim.add(st.trace, torch.zeros(2, 1000), torch.zeros(2, dtype=torch.long))
-    info = parse_spec("tome")
-    rows = sim.rows(common.ReducerInfo(spec=info.spec, name=info.name))
+    sim.add(Forward(start=0, logits=torch.zeros(2, 1000), labels=torch.zeros(2, dtype=torch.long), trace=st.trace))
+    rows = sim.rows(config(setup.net, "tome"))
     assert {(r["layer"], r["features"]) for r in rows} == {(2, "metric"), (2, "hidden"), ("all", "metric"),
                                                            ("all", "hidden")}
     assert all(r["mean_cos"] == pytest.approx(1.0) and r["n_pairs"] == 4 for r in rows)
@@ -194,11 +210,7 @@ def test_random_choice_share_equals_p() -> None:
 
 def test_imagepiece_never_merges_a_semantic_token_but_tome_does(setup: Any) -> None:
     def shares(spec: str, top: list[float], tokens: str) -> list[dict[str, Any]]:
-        imp = Importance(setup, spec, top, tokens)
-        with common.Patched(setup.net, spec, tracing=True) as info:
-            assert imp.skip_reason(common.probe_trace(setup)) is None
-            common.traced_pass(setup, common._Silent(), "", imp.add)
-        return imp.rows(info)
+        return traced_rows(setup, Importance(setup, parse_spec(spec), top, tokens), spec)
 
     rows = shares("imagepiece:keep=0.7", [0.7, 0.3], "both")
     assert {r["layer"] for r in rows} == {1, 2, 4, 5, 7, 8, "all"}
@@ -212,32 +224,28 @@ def test_imagepiece_never_merges_a_semantic_token_but_tome_does(setup: Any) -> N
 def test_attentiveness_rows_and_the_default_rate(setup: Any) -> None:
     assert attentive_rate("imagepiece:keep=0.6", None) == 0.6
     assert attentive_rate("tome:r=13", None) == 0.7 and attentive_rate("imagepiece", 0.5) == 0.5
-    att = Attentiveness(setup, "imagepiece", None, "merged")
-    with common.Patched(setup.net, "imagepiece", tracing=True) as info:
-        assert att.skip_reason(common.probe_trace(setup)) is None
-        common.traced_pass(setup, common._Silent(), "", att.add)
-    rows = att.rows(info)
+    rows = traced_rows(setup, Attentiveness(setup, parse_spec("imagepiece"), None, "merged"), "imagepiece")
     assert [r["layer"] for r in rows] == [1, 2, 4, 5, 7, 8, "all"]
     assert all(0 <= r["share_became_attentive"] <= 1 and r["n_inattentive"] > 0 for r in rows)
     assert rows[-1]["n_inattentive"] == sum(r["n_inattentive"] for r in rows[:-1])
-    evit = Attentiveness(setup, "evit", None, "merged")
-    with common.Patched(setup.net, "evit", tracing=True):
-        assert "pruning only" in str(evit.skip_reason(common.probe_trace(setup)))
+    evit = Attentiveness(setup, parse_spec("evit"), None, "merged")
+    assert "pruning only" in str(evit.skip_reason(setup.probe(variant(setup.net, "evit", tracing=True))))
 
 
 def test_coherence_variants_and_specs() -> None:
-    spec = with_params("imagepiece+tome:r=4", locality=1.0, retok="prune")
-    parts = {p.name: p.params for p in common.parts(parse_spec(spec))}
+    spec = with_params(parse_spec("imagepiece+tome:r=4"), locality=1.0, retok="prune")
+    parts = {p.name: p.params for p in spec.parts}
     assert parts["imagepiece"]["locality"] == 1.0 and parts["imagepiece"]["retok"] == "prune"
     assert parts["tome"]["r"] in (4, [4])
-    assert with_params("imagepiece:keep=0.6,locality=2", locality=0.0) == parse_spec("imagepiece:keep=0.6").spec
-    got = variants([parse_spec("imagepiece").spec], [0.0, 2.0], prune=True, stem=True)
+    assert with_params(parse_spec("imagepiece:keep=0.6,locality=2"), locality=0.0).spec == \
+        parse_spec("imagepiece:keep=0.6").spec
+    got = variants([parse_spec("imagepiece")], [0.0, 2.0], prune=True, stem=True)
     modes = [(p["locality"], p["retok"], p["stem"]) for p in
-             (next(q.params for q in common.parts(parse_spec(v)) if q.name == "imagepiece") for _, v in got)]
+             (next(q.params for q in v.parts if q.name == "imagepiece") for _, v in got)]
     assert modes == [(0.0, "merge", "patch"), (2.0, "merge", "patch"), (0.0, "prune", "patch"),
                      (0.0, "merge", "conv")]
     with pytest.raises(UserError):
-        with_params("tome:r=13", locality=1.0)
+        with_params(parse_spec("tome:r=13"), locality=1.0)
     with pytest.raises(UserError):
         parse_localities("0,-1")
     assert parse_top("30,20,15,70") == [0.3, 0.2, 0.15, 0.7]

@@ -14,9 +14,20 @@ from ipbench import results
 from ipbench.cli import app
 from ipbench.data import batched, normalize
 from ipbench.errors import UserError
-from ipbench.measure.accuracy import evaluate
+from ipbench.measure.accuracy import Result
+from ipbench.runs.context import RunContext, RunSpec
+from ipbench.runs.loop import Accuracy, Job, run_jobs
 
 runner = CliRunner()
+
+
+def evaluate(models: dict[str, torch.nn.Module], batches: Any, source: Any) -> dict[str, Result]:
+    """Top-1/top-5 of several models through the one batch loop, on the same batches."""
+    ctx = RunContext(spec=RunSpec(), net=next(iter(models.values())), model="deit_tiny_patch16_224",
+                     weights="checkpoint", checkpoint="test", sha256="", source=source, threads=torch.get_num_threads())
+    accs = {name: Accuracy() for name in models}
+    run_jobs(ctx, batches, [Job(name, model, [accs[name]]) for name, model in models.items()])
+    return {name: acc.result for name, acc in accs.items()}
 
 
 def plain_timm_reference(checkpoint: Path, data: Path, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,8 +62,7 @@ def test_subset_accuracy_equals_plain_timm(shared_subset: Any, deit_tiny: torch.
     src = shared_subset.source
     assert torch.equal(shared_subset.labels, labels)
     assert torch.equal(normalize(shared_subset.uint8, src.mean, src.std), x_ref)  # bit-identical input
-    res = evaluate({"deit_t": deit_tiny}, batched(shared_subset.uint8, shared_subset.labels, 32), src.mean, src.std,
-                   progress=False)["deit_t"]
+    res = evaluate({"deit_t": deit_tiny}, batched(shared_subset.uint8, shared_subset.labels, 32), src)["deit_t"]
     top5 = logits.topk(5, dim=-1).indices
     assert res.total == res.images == n
     assert res.correct1 == int((top5[:, 0] == labels).sum())
@@ -63,14 +73,14 @@ def test_subset_accuracy_equals_plain_timm(shared_subset: Any, deit_tiny: torch.
 def test_several_models_see_the_same_batches(shared_subset: Any, deit_tiny: torch.nn.Module) -> None:
     src = shared_subset.source
     out = evaluate({"a": deit_tiny, "b": deit_tiny}, batched(shared_subset.uint8[:16], shared_subset.labels[:16], 8),
-                   src.mean, src.std, progress=False)
+                   src)
     assert out["a"] == out["b"] and out["a"].total == 16
 
 
 def test_unlabelled_images_have_no_accuracy(shared_subset: Any, deit_tiny: torch.nn.Module) -> None:
     src = shared_subset.source
     unlabelled = torch.full((4,), -1, dtype=torch.long)
-    res = evaluate({"m": deit_tiny}, [(shared_subset.uint8[:4], unlabelled)], src.mean, src.std, progress=False)["m"]
+    res = evaluate({"m": deit_tiny}, [(shared_subset.uint8[:4], unlabelled)], src)["m"]
     assert res.images == 4 and res.total == 0 and res.top1 is None and res.top5 is None
 
 
@@ -155,10 +165,12 @@ def test_config_key_is_stable_and_order_independent() -> None:
     assert a != results.config_key({"model": "deit_tiny_patch16_224", "reducer": "none", "n": 999})
 
 
-def test_common_fields_say_where_and_how_without_hostname() -> None:
+def test_common_fields_say_where_and_how_without_hostname(shared_subset: Any, deit_tiny: torch.nn.Module) -> None:
     import socket
 
-    fields = results.common_fields("cpu", "float32", 32, None, 0)
+    ctx = RunContext(spec=RunSpec(batch_size=32), net=deit_tiny, model="deit_tiny_patch16_224", weights="checkpoint",
+                     checkpoint="test", sha256="", source=shared_subset.source, threads=torch.get_num_threads())
+    fields = ctx.row_fields()
     assert fields["threads"] == torch.get_num_threads() and fields["batch_size"] == 32
     assert set(fields) <= set(results.EVAL_COLUMNS)
     assert socket.gethostname() not in {str(v) for v in fields.values()}

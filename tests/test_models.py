@@ -99,6 +99,8 @@ def test_no_network_fails_fast_with_a_hint(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_plain_model_reports_all_tokens_in_every_block(deit_tiny: torch.nn.Module) -> None:
-    info = models.prepare_reducer(deit_tiny, "none")
-    assert info.name == "none" and info.params_json == "{}" and info.training_free
-    assert info.tokens_per_layer == [197] * 12 and info.final_tokens == 197
+    from ipbench.runs.plan import config
+
+    info = config(deit_tiny, "none").fields()
+    assert info["reducer"] == "none" and info["reducer_params"] == "{}" and info["training_free"]
+    assert info["tokens_per_layer"] == " ".join(["197"] * 12) and info["final_tokens"] == 197

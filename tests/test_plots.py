@@ -28,6 +28,18 @@ SWEEP = [
     ("imagepiece:keep=0.5,k=auto,r=k/4", 0.5, "197 173 152 78 69 61 32 28 25 14 14 14", 0.492, 64.6, 1400.0),
     ("tome:r=13,prop_attn=true", 0.7, "184 171 158 145 132 119 106 93 80 67 54 41", 0.731, 83.0, 1050.0),
 ]
+# The short labels a run writes beside each spec (reducer_label, reducer_line): what the plots show.
+LABELS = {"none": ("none", "none"), "tome:r=13,prop_attn=true": ("tome:r=13", "tome"),
+          "evit:keep=0.7,fuse=true,layers=3,6,9,fused_size=one": ("evit:keep=0.7", "evit"),
+          "evit:keep=0.5,fuse=true,layers=3,6,9,fused_size=one": ("evit:keep=0.5", "evit"),
+          "imagepiece:keep=0.7,k=auto,r=k/4": ("imagepiece:keep=0.7", "imagepiece"),
+          "imagepiece:keep=0.5,k=auto,r=k/4": ("imagepiece:keep=0.5", "imagepiece"),
+          "imagepiece:keep=0.7": ("imagepiece:keep=0.7", "imagepiece")}
+
+
+def labels(spec: str) -> dict[str, str]:
+    label, line = LABELS.get(spec, (spec, spec.split(":")[0]))
+    return {"reducer_label": label, "reducer_line": line}
 
 
 def write_sweep(folder: Path, name: str = "sweep.csv") -> Path:
@@ -35,7 +47,7 @@ def write_sweep(folder: Path, name: str = "sweep.csv") -> Path:
     base_img_s = SWEEP[0][5]
     for i, (spec, keep, tokens, gmacs, top1, img_s) in enumerate(SWEEP):
         append_row(path, {
-            **COMMON, "config_key": f"k{i}", "reducer": spec.split(":")[0], "reducer_spec": spec,
+            **COMMON, "config_key": f"k{i}", "reducer": spec.split(":")[0], "reducer_spec": spec, **labels(spec),
             "keep_rate": keep, "tokens_per_layer": tokens, "final_tokens": tokens.split()[-1],
             "training_free": True, "gmacs": gmacs, "gmacs_ratio": round(SWEEP[0][3] / gmacs, 3),
             "top1": top1, "top5": min(99.0, top1 + 10), "img_s_median": img_s, "img_s_min": img_s * 0.97,
@@ -63,23 +75,26 @@ def write_analyses(folder: Path) -> None:
     table4 = {"none": [79.05, 78.65, 77.78, 76.52, 75.29, 68.28], "evit": [78.21, 77.72, 76.77, 75.42, 74.47, 68.10],
               "tome": [78.41, 77.73, 76.49, 74.99, 73.68, 65.41],
               "imagepiece": [79.63, 79.13, 78.36, 77.20, 76.63, 71.42]}
-    rows = [{**COMMON, "reducer": k, "reducer_spec": SPECS[k], "mask_count": n, "mask_fraction": round(n / 196, 4),
-             "placement": "patch", "fill": "zero", "top1": v, "top5": v + 12}
+    rows = [{**COMMON, "reducer": k, "reducer_spec": SPECS[k], **labels(SPECS[k]), "mask_count": n,
+             "mask_fraction": round(n / 196, 4), "placement": "patch", "fill": "zero", "top1": v, "top5": v + 12}
             for k, vals in table4.items() for n, v in zip((7, 10, 15, 20, 25, 50), vals)]
     write_csv(folder / "robustness.csv", rows)
-    rows = [{**COMMON, "reducer": k, "reducer_spec": SPECS[k], "layer": layer, "features": feat, "pairs": "merged",
+    rows = [{**COMMON, "reducer": k, "reducer_spec": SPECS[k], **labels(SPECS[k]), "layer": layer, "features": feat,
+             "pairs": "merged",
              "mean_cos": round((0.79 if k == "tome" else 0.81) - (0.01 * layer if k == "tome" else 0.0)
                                - (0.2 if feat == "hidden" else 0), 4), "n_pairs": 13 * 64}
             for k in ("tome", "imagepiece") for layer in ((range(12)) if k == "tome" else (1, 2, 4, 5, 7, 8))
             for feat in ("metric", "hidden")]
     write_csv(folder / "similarity.csv", rows)
     # top_p as a fraction, plus the pooled rows (layer "all") the analyses write
-    rows = [{**COMMON, "reducer": "tome", "reducer_spec": SPECS["tome"], "layer": layer, "top_p": p, "tokens": "src",
+    rows = [{**COMMON, "reducer": "tome", "reducer_spec": SPECS["tome"], **labels(SPECS["tome"]), "layer": layer,
+             "top_p": p, "tokens": "src",
              "share": round(s * (1 - 0.02 * (0 if layer == "all" else layer)), 4), "random_share": p,
              "n_merged": 13 * 64}
             for layer in [*range(12), "all"] for p, s in ((0.3, 0.6516), (0.2, 0.5283), (0.15, 0.4329), (0.7, 0.918))]
     write_csv(folder / "importance.csv", rows)
-    rows = [{**COMMON, "reducer": "imagepiece", "reducer_spec": SPECS["imagepiece"], "layer": layer,
+    rows = [{**COMMON, "reducer": "imagepiece", "reducer_spec": SPECS["imagepiece"], **labels(SPECS["imagepiece"]),
+             "layer": layer,
              "attentive_rate": 0.7, "population": pop, "share_became_attentive": v * (1 if pop == "merged" else 0.8),
              "n_inattentive": 500}
             for pop in ("merged", "inattentive")
@@ -171,7 +186,10 @@ def test_runs_of_different_models_get_their_own_figures(tmp_path: Path) -> None:
 
 
 def test_short_spec_keeps_only_what_differs_from_defaults() -> None:
-    from ipbench.plots import short_spec
+    from ipbench.reducers import short_label
+
+    def short_spec(spec: str, drop_swept: bool = False) -> str:  # the one short-label function
+        return short_label(spec, drop_knob=drop_swept)
 
     assert short_spec("evit:keep=0.7,fuse=true,layers=3,6,9,fused_size=one") == "evit:keep=0.7"
     assert short_spec("evit:keep=0.7,fuse=true,layers=3,6,9,fused_size=one", drop_swept=True) == "evit"

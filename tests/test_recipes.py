@@ -8,7 +8,13 @@ import pytest
 from typer.testing import CliRunner
 
 from ipbench.cli import app
-from ipbench.recipes import Column, Row, build_argv, load_recipe, measured_value
+from ipbench.cli.reproduce import build_argv
+from ipbench.plots.recipes import Column, Row, load_recipe, measured_value
+from ipbench.reducers import parse_spec
+
+
+def canon(spec: str) -> str:
+    return parse_spec(spec).spec
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.toml"))
@@ -130,10 +136,10 @@ def test_measured_value_conditions() -> None:
     })
     tome = Row(label="t", paper=[None], reducer="tome:r=13")
     first30 = Column(name="a", value="share", where={"top_p": 30, "layer": "first"}, percent=True)
-    assert measured_value(df, "reducer_spec", tome, first30, {}) == pytest.approx(65.0)
+    assert measured_value(df, "reducer_spec", tome, first30, {}, canon) == pytest.approx(65.0)
     last70 = Column(name="a", value="share", where={"top_p": 0.7, "layer": "last"})
-    assert measured_value(df, "reducer_spec", tome, last70, {}) == pytest.approx(0.8)
+    assert measured_value(df, "reducer_spec", tome, last70, {}, canon) == pytest.approx(0.8)
     evit = Row(label="e", paper=[None], reducer="evit:keep=0.7", nearest={"speedup_median": 2.5})
-    assert measured_value(df, "reducer_spec", evit, Column(name="a", value="share"), {}) == pytest.approx(0.4)
+    assert measured_value(df, "reducer_spec", evit, Column(name="a", value="share"), {}, canon) == pytest.approx(0.4)
     absent = Row(label="x", paper=[None], reducer="imagepiece")
-    assert measured_value(df, "reducer_spec", absent, first30, {}) is None
+    assert measured_value(df, "reducer_spec", absent, first30, {}, canon) is None

@@ -11,7 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from ipbench.cli import app
-from ipbench.visualize import draw, parse_layers, trace_layouts
+from ipbench.plots.tokens import draw
+from ipbench.runs.visualize import parse_layers, trace_layouts
 
 runner = CliRunner()
 

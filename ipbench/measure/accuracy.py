@@ -1,36 +1,52 @@
-"""Top-1/top-5 of several models over the same decoded batches (exact counts, fixed order)."""
+"""Top-1/top-5 counts: ONE counting function for every command, and a mergeable counter.
+
+Counts are integers, so the counts of several batches, several passes or several processes add up
+exactly (no running means); percentages are computed from them at the end.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
-import torch
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
-from torch import Tensor, nn
+from torch import Tensor
 
-from ipbench.data import normalize
+TOP_K = 5  # top-5 is the literature's second accuracy
+
+
+def topk_hits(logits: Tensor, labels: Tensor, k: int = TOP_K) -> tuple[int, int, int]:
+    """(correct@1, correct@k, labelled images) of one batch; labels < 0 are unlabelled.
+
+    With fewer than k classes, correct@k counts over all of them.
+    """
+    labelled = labels >= 0
+    if not labelled.any():
+        return 0, 0, 0
+    logits, labels = logits[labelled], labels[labelled]
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+    hits = top == labels[:, None]
+    return int(hits[:, 0].sum()), int(hits.any(dim=-1).sum()), int(labelled.sum())
 
 
 @dataclass
 class Result:
-    """Counts over the labelled images; top1/top5 are percentages, None when nothing was labelled."""
+    """Counts over the images seen; top1/top5 are percentages, None when nothing was labelled."""
 
     correct1: int = 0
     correct5: int = 0
     total: int = 0  # labelled images
     images: int = 0  # all images seen
+
+    def add(self, logits: Tensor, labels: Tensor) -> None:
+        """Count one batch of logits [B, classes] against labels [B]."""
+        c1, c5, n = topk_hits(logits, labels)
+        self.correct1 += c1
+        self.correct5 += c5
+        self.total += n
+        self.images += len(labels)
+
+    def __add__(self, other: Result) -> Result:
+        return Result(self.correct1 + other.correct1, self.correct5 + other.correct5,
+                      self.total + other.total, self.images + other.images)
 
     @property
     def top1(self) -> float | None:
@@ -39,62 +55,3 @@ class Result:
     @property
     def top5(self) -> float | None:
         return 100.0 * self.correct5 / self.total if self.total else None
-
-
-class _ImagesPerSecond(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:.1f} img/s" if speed else "… img/s", style="progress.data.speed")
-
-
-def progress_bar(console: Console | None = None) -> Progress:
-    """A rich progress bar counting images, with images/s and ETA (on stderr by default)."""
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _ImagesPerSecond(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console or Console(stderr=True),
-        transient=True,  # the table that follows carries the numbers; errors stay one line
-    )
-
-
-def _update(result: Result, logits: Tensor, labels: Tensor) -> None:
-    result.images += len(labels)
-    labelled = labels >= 0
-    if not labelled.any():
-        return
-    logits, labels = logits[labelled], labels[labelled]
-    k = min(5, logits.shape[-1])
-    top = logits.topk(k, dim=-1).indices
-    hits = top == labels[:, None]
-    result.correct1 += int(hits[:, 0].sum())
-    result.correct5 += int(hits.any(dim=-1).sum())
-    result.total += len(labels)
-
-
-def evaluate(models: dict[str, nn.Module], batches: Iterable[tuple[Tensor, Tensor]],
-             mean: tuple[float, ...], std: tuple[float, ...], device: str = "cpu",
-             progress: bool = True, total: int | None = None,
-             dtype: torch.dtype = torch.float32) -> dict[str, Result]:
-    """Run every model on each normalised batch once; labels < 0 count as unlabelled."""
-    results = {name: Result() for name in models}
-    bar = progress_bar() if progress else None
-    task = bar.add_task("eval", total=total) if bar else None
-    try:
-        if bar:
-            bar.start()
-        with torch.inference_mode():
-            for images, labels in batches:
-                x = normalize(images.to(device, non_blocking=True), mean, std).to(dtype)
-                for name, model in models.items():
-                    _update(results[name], model(x).float().cpu(), labels)
-                if bar and task is not None:
-                    bar.advance(task, len(labels))
-    finally:
-        if bar:
-            bar.stop()
-    return results

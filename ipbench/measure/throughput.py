@@ -15,16 +15,22 @@ autocast (float16/bfloat16 on CUDA, bfloat16 on CPU).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import math
 import statistics
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from time import perf_counter
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ProgressFn", "SpeedResult", "measure_throughput", "precision_context", "resolve_dtype"]
+__all__ = ["ProgressFn", "SpeedProtocol", "SpeedResult", "measure_grouped", "measure_throughput",
+           "precision_context", "resolve_dtype"]
+
+DEFAULT_SPEED_GROUP = 4  # models timed per interleaved group with the baseline
 
 ProgressFn = Callable[[int, int, str], None]
 """``progress(done, total, what)``: called after every warm-up and every timing."""
@@ -223,3 +229,57 @@ def measure_throughput(
             compiled=compile,
         )
     return results
+
+
+@dataclass(frozen=True)
+class SpeedProtocol:
+    """How throughput is timed (all of it goes into the rows and the config key)."""
+
+    batch_size: int = 32
+    repeats: int = 5
+    min_seconds: float = 2.0
+    warmup: int = 2
+    compile: bool = False
+    group: int = DEFAULT_SPEED_GROUP  # models timed with each baseline group; 0 = all in one group
+
+    def key_fields(self) -> dict[str, Any]:
+        return {"batch_size": self.batch_size, "repeats": self.repeats, "min_seconds": self.min_seconds,
+                "warmup": self.warmup, "compile": self.compile, "group": self.group}
+
+
+def _shifted(progress: ProgressFn, offset: int, total: int, done: int, _total: int, what: str) -> None:
+    progress(offset + done, total, what)
+
+
+def measure_grouped(nets: Mapping[str, nn.Module], images: Tensor, baseline: str, protocol: SpeedProtocol,
+                    device: torch.device | str, dtype: torch.dtype | str,
+                    progress: ProgressFn | None = None) -> dict[str, SpeedResult]:
+    """Throughput of every model, interleaved with the baseline, in groups of `protocol.group` models.
+
+    On a busy machine the speed changes within seconds; a round of 21 models lasts a minute, so a
+    model and the baseline timing it is paired with would be far apart. In groups of a few models
+    (a keep rate's reducers) every model is paired with a baseline timed seconds before or after.
+    The baseline's own numbers pool its rounds of all groups.
+    """
+    others = [n for n in nets if n != baseline]
+    size = protocol.group if protocol.group > 0 else max(1, len(others))
+    chunks = [others[i:i + size] for i in range(0, len(others), size)] or [[]]
+    total = sum((len(c) + 1) * (1 + protocol.repeats) for c in chunks)
+    offset = 0
+    out: dict[str, SpeedResult] = {}
+    baseline_runs: list[SpeedResult] = []
+    for chunk in chunks:
+        res = measure_throughput(
+            {baseline: nets[baseline], **{n: nets[n] for n in chunk}}, images, baseline=baseline,
+            repeats=protocol.repeats, min_seconds=protocol.min_seconds, warmup=protocol.warmup, device=device,
+            dtype=dtype, compile=protocol.compile,
+            progress=None if progress is None else functools.partial(_shifted, progress, offset, total))
+        offset += (len(chunk) + 1) * (1 + protocol.repeats)
+        out.update({n: res[n] for n in chunk})
+        baseline_runs.append(res[baseline])
+    seconds = tuple(t for r in baseline_runs for t in r.round_seconds)
+    ips = [baseline_runs[0].batch_size / t for t in seconds]
+    out[baseline] = dataclasses.replace(
+        baseline_runs[0], images_per_s=statistics.median(ips), images_per_s_min=min(ips),
+        images_per_s_max=max(ips), round_seconds=seconds, round_ratios=(1.0,) * len(seconds))
+    return {n: out[n] for n in nets}

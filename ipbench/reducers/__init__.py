@@ -9,16 +9,18 @@ from ipbench.reducers.engine import (
     TokenPlan,
     TokenState,
     apply_reducer,
+    check_fits,
     is_patched,
     remove_reducer,
     set_tracing,
     token_plan,
 )
+from ipbench.reducers.knobs import KEEP_RATE, Knob
 from ipbench.reducers.policy import Param, Policy
-from ipbench.reducers.spec import REGISTRY, list_reducers, parse_spec, register
+from ipbench.reducers.spec import REGISTRY, list_reducers, parse_spec, parse_specs, register, short_label, split_specs
 
 __all__ = [
-    "REGISTRY", "Evidence", "Param", "Policy", "TokenPlan", "TokenState", "apply_reducer",
-    "is_patched", "list_reducers", "parse_spec", "register", "remove_reducer", "set_tracing",
-    "token_plan",
+    "KEEP_RATE", "REGISTRY", "Evidence", "Knob", "Param", "Policy", "TokenPlan", "TokenState", "apply_reducer",
+    "check_fits", "is_patched", "list_reducers", "parse_spec", "parse_specs", "register", "remove_reducer",
+    "set_tracing", "short_label", "split_specs", "token_plan",
 ]

@@ -18,7 +18,7 @@ with one that needs it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -35,9 +35,8 @@ from ipbench.reducers.matching import (
 from ipbench.reducers.policy import Policy
 from ipbench.reducers.spec import set_combiner
 
-# Parameters naming the blocks where a reducer discards tokens (two in one block are ambiguous).
-_DISCARD_PARAM = {"evit": "layers", "topk": "layers", "mstm": "layers", "imagepiece": "discard_layers"}
-
+if TYPE_CHECKING:
+    from ipbench.reducers.knobs import Knob
 
 def reindex_after_merge(ev: Evidence, plan: MergePlan, size: Tensor, weight: Tensor | None) -> Evidence:
     """The evidence of the tokens after a merge (see the module docstring)."""
@@ -97,9 +96,11 @@ class Combination(Policy):
                             "(give it a per-block list instead)")
         for i, p in enumerate(parts):
             p.in_combination(parts[:i] + parts[i + 1:])
-        self.parts = parts
+        self._parts = parts
         self.name = "+".join(names)  # type: ignore[misc]
         self.params: dict[str, Any] = {p.name: p.params for p in parts}
+        self.given: dict[str, Any] = {p.name: p.given for p in parts}
+        self._text: str | None = None
         self.needs = frozenset().union(*(p.needs for p in parts))  # type: ignore[misc]
         self.training_free = all(p.training_free for p in parts)  # type: ignore[misc]
         self.depth = None
@@ -115,7 +116,7 @@ class Combination(Policy):
     def _check_discards(self) -> None:
         seen: dict[int, str] = {}
         for p in self.parts:
-            key = _DISCARD_PARAM.get(p.name)
+            key = type(p).discard_param
             for layer in p.params.get(key, []) if key else []:
                 if layer in seen:
                     raise UserError(f"{self.name}: {seen[layer]} and {p.name} both discard tokens in "
@@ -123,8 +124,32 @@ class Combination(Policy):
                 seen[layer] = p.name
 
     @property
+    def parts(self) -> list[Policy]:
+        return list(self._parts)
+
+    @property
     def spec(self) -> str:
         return "+".join(p.spec for p in self.parts)
+
+    def _rebuilt(self, change: dict[str, dict[str, Any]]) -> Combination:
+        """The same parts, each rebuilt from the parameters its spec gave (before the combination
+        adapted it), with `change[name]` on top."""
+        return Combination([p.with_params(**change.get(p.name, {})) for p in self.parts])
+
+    def with_params(self, **params: Any) -> Policy:
+        """``with_params(evit={"keep": 0.6})``: parameters per part, by reducer name."""
+        unknown = [k for k in params if k not in self.params]
+        if unknown:
+            raise UserError(f"{self.name}: no part {unknown[0]!r}; parts: {', '.join(self.params)}")
+        return self._rebuilt(params)
+
+    def free_knob(self) -> Knob | None:
+        """The first free knob by priority (a keep rate before ToMe's r), as the sweep takes it."""
+        knobs = [k for k in (p.free_knob() for p in self.parts) if k is not None]
+        return min(knobs, key=lambda k: k.priority) if knobs else None
+
+    def with_knob(self, knob: Knob, value: Any) -> Policy:
+        return self._rebuilt({p.name: {knob.param: value} for p in self.parts if p.free_knob() is knob})
 
     @property
     def needs_pos(self) -> bool:

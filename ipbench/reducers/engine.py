@@ -278,6 +278,19 @@ def _check_vit(model: nn.Module) -> None:
                             "not supported")
 
 
+def check_fits(model: nn.Module, policy: Policy) -> None:
+    """A one-line UserError unless `policy` can run on `model` (a timm ViT, and a class token
+    whose attention the head reads, for a policy that ranks tokens by class-token attention)."""
+    _check_vit(model)
+    if "cls_attn" in policy.needs:
+        pool = getattr(model, "global_pool", "token")
+        if getattr(model, "cls_token", None) is None or pool != "token":
+            why = "has no class token" if getattr(model, "cls_token", None) is None else \
+                f"pools its output with global_pool={pool!r}, not the class token"
+            raise UserError(f"{policy.name} ranks tokens by class-token attention, but this model {why}; "
+                            "use a reducer that needs no class token (tome) or a model with one")
+
+
 def _n_tokens(model: nn.Module) -> int:
     """Tokens entering block 0: patches plus prefix tokens (class, distillation, registers)."""
     return model.patch_embed.num_patches + model.num_prefix_tokens
@@ -301,7 +314,7 @@ def remove_reducer(model: nn.Module) -> nn.Module:
 
 def apply_reducer(model: nn.Module, policy: Policy, tracing: bool = False) -> nn.Module:
     """Patch a timm ViT in place so that `policy` reduces its tokens; returns the model."""
-    _check_vit(model)
+    check_fits(model, policy)
     remove_reducer(model)
     policy.prepare(model)
     depth = len(model.blocks)

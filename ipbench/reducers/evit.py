@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ipbench.reducers.engine import Evidence, TokenState
+from ipbench.reducers.knobs import KEEP_RATE
 from ipbench.reducers.matching import keep_plan, rank_tokens
 from ipbench.reducers.policy import Param, Policy, keep_count
 from ipbench.reducers.spec import register
@@ -29,6 +30,8 @@ class EViT(Policy):
     PARAMS = (KEEP, Param("fuse", "bool", True, "fuse the dropped tokens into one extra token"),
               LAYERS, FUSED_SIZE)
     needs = frozenset({"cls_attn"})
+    knob = KEEP_RATE
+    discard_param = "layers"
 
     def validate(self) -> None:
         self.fuse: bool = self.params["fuse"]

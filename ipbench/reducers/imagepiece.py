@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ipbench.errors import UserError
 from ipbench.reducers.engine import Evidence, TokenState
+from ipbench.reducers.knobs import KEEP_RATE
 from ipbench.reducers.matching import (
     bipartite_match,
     keep_plan,
@@ -200,10 +201,9 @@ class ImagePiece(Policy):
         "unless its own is given")
     PARAMS = PARAMS
     needs = frozenset({"cls_attn", "keys"})
-
-    def __init__(self, **params: Any) -> None:
-        self.explicit = frozenset(params)
-        super().__init__(**params)
+    knob = KEEP_RATE
+    discard_param = "discard_layers"
+    note = "training-free on off-the-shelf weights (the paper's models are trained)"
 
     def validate(self) -> None:
         p = self.params
@@ -219,9 +219,9 @@ class ImagePiece(Policy):
 
     def in_combination(self, others: list[Policy]) -> None:
         """Re-tokenization only (unless discard_layers is given); the partner's keep rate."""
-        if "discard_layers" not in self.explicit:
+        if "discard_layers" not in self.given:
             self.params["discard_layers"] = []
-        if "keep" not in self.explicit:
+        if "keep" not in self.given:
             rates = [o.params["keep"] for o in others if "keep" in o.params]
             if rates:
                 self.params["keep"] = rates[0]

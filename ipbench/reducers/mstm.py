@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ipbench.errors import UserError
 from ipbench.reducers.engine import Evidence, TokenState
+from ipbench.reducers.knobs import KEEP_RATE
 from ipbench.reducers.matching import keep_plan, nearest_plan, rank_tokens
 from ipbench.reducers.policy import Param, Policy, keep_count
 from ipbench.reducers.spec import register
@@ -38,6 +39,9 @@ class MSTM(Policy):
               "needs a trained checkpoint (none exists for timm models)"),
     )
     needs = frozenset({"cls_attn", "keys"})
+    knob = KEEP_RATE
+    discard_param = "layers"
+    note = "re-implemented from the paper's abstract (no public code)"
 
     def validate(self) -> None:
         if self.params["multiscale"]:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
 
     from ipbench.reducers.engine import Evidence, TokenState
+    from ipbench.reducers.knobs import Knob
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,10 @@ class Param:
             raise bad(f"must be >= {self.minimum:g}")
         return val
 
+    def coerce(self, reducer: str, value: Any) -> Any:
+        """A value set from code (`Policy.with_params`), checked exactly as if written in a spec."""
+        return self.parse(reducer, value if isinstance(value, str) else format_value(value))
+
     def describe(self) -> str:
         extra = f" ({'|'.join(self.choices)})" if self.choices else ""
         return f"{self.name}={format_value(self.default)}{extra}: {self.help}"
@@ -93,6 +98,14 @@ class Policy:
     PARAMS: ClassVar[tuple[Param, ...]] = ()
     needs: ClassVar[frozenset[str]] = frozenset()  # subset of {'cls_attn', 'keys'}
     training_free: ClassVar[bool] = True  # ipbench applies every reducer to off-the-shelf weights
+    # How a sweep drives this reducer: the parameter a keep rate or a GMACs budget sets (None: run as given).
+    knob: ClassVar[Knob | None] = None
+    # The parameter listing the blocks where it discards tokens (two reducers discarding in one block
+    # of a combination are ambiguous), or None.
+    discard_param: ClassVar[str | None] = None
+    # Said beside every table that shows this reducer (METHODS.md: training-free numbers and
+    # re-implementations are labelled as such in every output); "" for nothing to say.
+    note: ClassVar[str] = ""
 
     def __init__(self, **params: Any) -> None:
         known = {p.name: p for p in self.PARAMS}
@@ -100,6 +113,8 @@ class Policy:
             if k not in known:
                 raise UserError(f"{self.name}: unknown parameter {k!r}; valid: "
                                 + ", ".join(known) if known else f"{self.name} takes no parameters")
+        self.given: dict[str, Any] = dict(params)  # what the spec set; the rest are defaults
+        self._text: str | None = None  # the spec as the user wrote it (set by parse_spec), for messages
         self.params: dict[str, Any] = {p.name: params.get(p.name, p.default) for p in self.PARAMS}
         self.depth: int | None = None
         self.n_tokens = 0
@@ -140,6 +155,29 @@ class Policy:
     def reduce(self, layer: int, x: Tensor, ev: Evidence, st: TokenState) -> Tensor:
         return x
 
+    # -- copies with other parameters, and the sweep's knob ----------------------------
+    @property
+    def parts(self) -> list[Policy]:
+        """The single policies this one is made of (a combination ``a+b`` has several)."""
+        return [self]
+
+    def with_params(self, **params: Any) -> Policy:
+        """A new policy of the same reducer: the parameters the spec gave, then `params` on top."""
+        known = {p.name: p for p in self.PARAMS}
+        unknown = [k for k in params if k not in known]
+        if unknown:
+            raise UserError(f"{self.name}: unknown parameter {unknown[0]!r}; valid: {', '.join(known) or 'none'}")
+        return type(self)(**{**self.given, **{k: known[k].coerce(self.name, v) for k, v in params.items()}})
+
+    def free_knob(self) -> Knob | None:
+        """The knob a sweep may set: this reducer's, unless the spec already fixed its parameter."""
+        knob = type(self).knob
+        return knob if knob is not None and knob.param not in self.given else None
+
+    def with_knob(self, knob: Knob, value: Any) -> Policy:
+        """A copy with `knob` set to `value` (in a combination: on every part where it is free)."""
+        return self.with_params(**{knob.param: value})
+
     # -- shared helpers -----------------------------------------------------------------
     @property
     def spec(self) -> str:
@@ -148,8 +186,24 @@ class Policy:
             return self.name
         return self.name + ":" + ",".join(f"{k}={format_value(v)}" for k, v in self.params.items())
 
+    @property
+    def text(self) -> str:
+        """The spec as the user wrote it (messages quote it); the canonical spec for a copy."""
+        return self._text or self.spec
+
+    @text.setter
+    def text(self, value: str) -> None:
+        self._text = value
+
     def params_json(self) -> str:
-        return json.dumps(self.params, sort_keys=True)
+        """The parameters as compact JSON with sorted keys (the CSV's reducer_params)."""
+        return json.dumps(self.params, sort_keys=True, separators=(",", ":"))
+
+    def label(self, drop_knob: bool = False) -> str:
+        """Short label for tables and plots (see `ipbench.reducers.spec.short_label`)."""
+        from ipbench.reducers.spec import short_label
+
+        return short_label(self, drop_knob=drop_knob)
 
     def check_layers(self, layers: list[int], what: str = "layers") -> None:
         assert self.depth is not None

@@ -7,10 +7,11 @@ Parameters are comma separated; a bare value after a list parameter continues th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 
 from ipbench.errors import UserError
-from ipbench.reducers.policy import Policy
+from ipbench.reducers.policy import Policy, format_value
 
 REGISTRY: dict[str, type[Policy]] = {}
 _COMBINE: list[Callable[[list[Policy]], Policy]] = []
@@ -59,10 +60,83 @@ def parse_spec(spec: str) -> Policy:
         raise UserError(f"empty reducer spec {spec!r}; valid reducers: {', '.join(sorted(REGISTRY))}")
     policies = [_parse_one(p) for p in parts]
     if len(policies) == 1:
-        return policies[0]
-    if not _COMBINE:
+        policy = policies[0]
+    elif not _COMBINE:
         raise UserError("combinations (a+b) are not available")
-    return _COMBINE[0](policies)
+    else:
+        policy = _COMBINE[0](policies)
+    policy.text = spec.strip()
+    return policy
+
+
+_INT = re.compile(r"[-+]?\d+")
+
+
+def split_specs(values: Sequence[str], option: str = "--reducers") -> list[str]:
+    """Split ``--reducers`` values into specs: ``tome,evit:keep=0.7,fuse=false,imagepiece``.
+
+    Commas separate specs and also the parameters inside one, so a piece starts a new spec when it
+    names a reducer (``evit``, ``evit:keep=0.7``, ``imagepiece+tome``) and continues the current
+    one when it is a parameter (``fuse=false``) or a bare integer of a list (``layers=3,6,9``).
+    """
+    specs: list[str] = []
+    for value in values:
+        for piece in (p.strip() for p in value.split(",")):
+            if not piece:
+                raise UserError(f"empty item in {option} {value!r}")
+            key = piece.split("=", 1)[0]
+            continues = ("=" in piece and ":" not in key) or (
+                "=" not in piece and _INT.fullmatch(piece.split("+", 1)[0].strip()) is not None)
+            if continues:
+                if not specs:
+                    raise UserError(f"{option} {value!r}: {piece!r} comes before any reducer name")
+                specs[-1] += "," + piece
+            else:
+                specs.append(piece)
+    return specs
+
+
+def parse_specs(values: Sequence[str], option: str = "--reducers") -> list[Policy]:
+    """The policies of a ``--reducers`` option (commas or the option repeated), in order, each once."""
+    seen: dict[str, Policy] = {}
+    for text in split_specs(values, option):
+        policy = parse_spec(text)
+        seen.setdefault(policy.spec, policy)
+    return list(seen.values())
+
+
+def _context_defaults(names: list[str]) -> list[dict[str, object]]:
+    """Each part's parameters when only the names are given, in the same combination (a part may
+    adapt to its partners: ImagePiece in a combination has no discard blocks of its own)."""
+    return [dict(p.params) for p in parse_spec("+".join(names)).parts]
+
+
+def short_label(policy: Policy | str, drop_knob: bool = False) -> str:
+    """The one short label of tables and plots: each part's knob (keep; ToMe's r) and the
+    parameters that differ from what the same names alone would give.
+
+    ``drop_knob`` leaves the knob out: the name of the line a row belongs to in accuracy-vs-cost
+    figures. A spec that does not parse (an unknown or renamed reducer) is returned as written.
+    """
+    if isinstance(policy, str):
+        try:
+            policy = parse_spec(policy)
+        except UserError:
+            return policy.strip()
+    parts = policy.parts
+    defaults = _context_defaults([p.name for p in parts])
+    out = []
+    for part, default in zip(parts, defaults):
+        knob = type(part).knob
+        shown = []
+        for k, v in part.params.items():
+            is_knob = knob is not None and k == knob.param
+            if is_knob and drop_knob:
+                continue
+            if is_knob or default.get(k) != v:
+                shown.append(f"{k}={knob.format(v) if is_knob and knob is not None else format_value(v)}")
+        out.append(part.name + (":" + ",".join(shown) if shown else ""))
+    return "+".join(out)
 
 
 def list_reducers() -> list[type[Policy]]:

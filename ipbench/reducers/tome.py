@@ -6,6 +6,7 @@ from torch import Tensor
 
 from ipbench.errors import UserError
 from ipbench.reducers.engine import Evidence, TokenState
+from ipbench.reducers.knobs import MergeCount
 from ipbench.reducers.matching import alternate_split, bipartite_plan
 from ipbench.reducers.policy import Param, Policy
 from ipbench.reducers.spec import register
@@ -24,6 +25,8 @@ class ToMe(Policy):
         Param("prop_attn", "bool", True, "add log(token size) to the attention logits"),
     )
     needs = frozenset({"keys"})
+    # a keep rate ρ gives the constant r whose GMACs match EViT's (default schedule) at ρ
+    knob = MergeCount("r", reference="evit")
 
     def bind(self, depth: int, n_tokens: int, n_prefix: int) -> None:
         super().bind(depth, n_tokens, n_prefix)

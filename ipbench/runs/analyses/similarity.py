@@ -9,14 +9,19 @@ hidden states (``hidden``); averaged per block over all pairs of all images, and
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from ipbench.analyses import common
-from ipbench.models import ReducerInfo
+from ipbench.reducers import Policy
 from ipbench.reducers.trace import Trace, entries, merged_pair_similarity
 from ipbench.results import SIMILARITY_COLUMNS
+from ipbench.runs.analyses import common
+from ipbench.runs.context import RunSpec
+from ipbench.runs.loop import Forward
+from ipbench.runs.plan import Config
+from ipbench.runs.progress import Progress
 
 DEFAULT_REDUCERS = "tome:r=13,imagepiece,mstm"
 FEATURES = {"metric": "metric", "hidden": "x"}  # CSV name -> trace name
@@ -57,8 +62,8 @@ class Moments:
 class Similarity(common.Analysis):
     command = "similarity"
 
-    def __init__(self, setup: common.Setup, spec: str) -> None:
-        super().__init__(setup, spec)
+    def __init__(self, run: common.AnalysisRun, policy: Policy) -> None:
+        super().__init__(run, policy)
         self.op = "merge"
         self.metric = ""
         self.sums: dict[tuple[Any, str], Moments] = {}
@@ -79,21 +84,22 @@ class Similarity(common.Analysis):
     def row_keys(self) -> list[str]:
         return [self._key(layer, f) for f in FEATURES for layer in [*self.layers, "all"]]
 
-    def add(self, trace: Trace, logits: Tensor, labels: Tensor) -> None:
+    def add(self, out: Forward) -> None:
+        assert out.trace is not None
         for feat, on in FEATURES.items():
-            for layer, sims in merged_pair_similarity(trace, on, op=self.op).items():
+            for layer, sims in merged_pair_similarity(out.trace, on, op=self.op).items():
                 if sims.numel():
                     self.sums.setdefault((layer, feat), Moments()).add(sims)
                     self.sums.setdefault(("all", feat), Moments()).add(sims)
 
-    def rows(self, info: ReducerInfo) -> list[dict[str, Any]]:
+    def rows(self, cfg: Config) -> list[dict[str, Any]]:
         out = []
         layers = sorted({k[0] for k in self.sums if k[0] != "all"})
         for feat in FEATURES:
             for layer in [*layers, "all"]:
                 acc = self.sums.get((layer, feat), Moments())
                 out.append({
-                    **common.row_fields(self.setup, info, self._key(layer, feat)),
+                    **self.run.row_fields(cfg, self._key(layer, feat)),
                     "layer": layer, "features": feat, "metric": self.metric if feat == "metric" else "x",
                     "pairs": "merged" if self.op == "merge" else "pruned",
                     "mean_cos": common.rounded(acc.mean, 5), "std_cos": common.rounded(acc.std, 5),
@@ -103,31 +109,6 @@ class Similarity(common.Analysis):
         return sorted(out, key=lambda r: r["layer"] == "all")
 
 
-def run(s: common.Settings) -> common.Outcome:
-    return common.run_traced(s, "similarity", SIMILARITY_COLUMNS, DEFAULT_REDUCERS, Similarity)
-
-
-def print_table(out: common.Outcome) -> None:
-    """Paper Table 6's shape: mean cosine of merged pairs in the first and last merging block."""
-    assert out.setup is not None
-    t = common.table(
-        f"similarity: merged pairs, {out.setup.timm_name} (paper Tables 6, 8)",
-        ["reducer", "features", "first block", "last block", "all blocks", "pairs"],
-        f"mean cosine similarity of the merged pairs on {len(out.setup.images)} images of {out.setup.source.path}; "
-        "features: metric = what the reducer matched on (head-mean keys by default), hidden = hidden states; "
-        "blocks 0-indexed.\n" + common.training_free_note(out.setup))
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in out.rows:
-        groups.setdefault((r["reducer_spec"], r["features"]), []).append(r)
-    for (spec, feat), rows in groups.items():
-        per_layer = {int(r["layer"]): r for r in rows if str(r["layer"]) != "all"}
-        pooled = next((r for r in rows if str(r["layer"]) == "all"), None)
-        if not per_layer or pooled is None:
-            continue
-        first, last = per_layer[min(per_layer)], per_layer[max(per_layer)]
-        pruned = " (pruned pairs)" if rows[0]["pairs"] == "pruned" else ""
-        t.add_row(common.short_label(spec) + pruned, f"{feat} ({rows[0]['metric']})",
-                  f"{float(first['mean_cos']):.4f} (block {first['layer']})",
-                  f"{float(last['mean_cos']):.4f} (block {last['layer']})",
-                  f"{float(pooled['mean_cos']):.4f}", str(pooled["n_pairs"]))
-    common.console().print(t)
+def run(spec: RunSpec, out: Path, policies: list[Policy], force: bool = False,
+        progress: Progress | None = None) -> common.Outcome:
+    return common.run_traced(spec, out, "similarity", SIMILARITY_COLUMNS, policies, force, Similarity, progress)

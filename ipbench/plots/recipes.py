@@ -55,7 +55,6 @@ from typing import TYPE_CHECKING, Any
 from ipbench.errors import UserError
 
 if TYPE_CHECKING:
-    import click
     import pandas as pd
 
 if sys.version_info >= (3, 11):
@@ -211,107 +210,15 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
                   paper=str(doc.get("paper", "")), setting=str(doc.get("setting", "")), note=str(doc.get("note", "")))
 
 
-# -- building the command lines -----------------------------------------------------------------
-
-def _commands() -> dict[str, click.Command]:
-    import typer
-
-    from ipbench.cli import app
-
-    group = typer.main.get_command(app)
-    return dict(group.commands)  # type: ignore[attr-defined]
-
-
-def _options(cmd: click.Command) -> dict[str, click.Parameter]:
-    """Option name as a recipe writes it (model, keep_rates, speed) → the click parameter."""
-    out: dict[str, click.Parameter] = {}
-    for p in cmd.params:
-        for opt in p.opts:
-            if opt.startswith("--"):
-                out[opt[2:].replace("-", "_")] = p
-    return out
-
-
-def _argv_for(key: str, value: Any, param: click.Parameter) -> list[str]:
-    flag = next(o for o in param.opts if o.startswith("--"))
-    if isinstance(value, bool):
-        if value:
-            return [flag]
-        neg = next((o for o in getattr(param, "secondary_opts", []) if o.startswith("--")), None)
-        return [neg] if neg else []
-    if isinstance(value, list):
-        if getattr(param, "multiple", False):
-            return [x for v in value for x in (flag, str(v))]
-        value = ",".join(str(v) for v in value)
-    if getattr(param, "is_flag", False) and isinstance(value, str):  # --set speed=false
-        return _argv_for(key, value.strip().lower() in ("1", "true", "yes", "on"), param)
-    return [flag, str(value)]
-
-
-def build_argv(recipe: Recipe, overrides: dict[str, Any], extra: dict[str, str]) -> list[list[str]]:
-    """The argv of every step (without the program name), checked against the commands' options.
-
-    Option values: the step's args, then the recipe's defaults and the user's overrides (the latter
-    win), then `extra` (--set); defaults/overrides/extra apply only to steps whose command has
-    that option.
-    """
-    commands = _commands()
-    argvs = []
-    for i, step in enumerate(recipe.steps, 1):
-        where = f"{recipe.path.name}: step {i} ({step.command})"
-        cmd = commands.get(step.command)
-        if cmd is None:
-            raise UserError(f"{where}: this ipbench has no command '{step.command}' "
-                            f"(commands: {', '.join(sorted(commands))})")
-        opts = _options(cmd)
-        values: dict[str, Any] = {}
-        for key, value in step.args.items():
-            k = key.replace("-", "_")
-            if k not in opts:
-                raise UserError(f"{where}: '{step.command}' has no option --{k.replace('_', '-')} "
-                                f"(options: {', '.join('--' + o.replace('_', '-') for o in sorted(opts))})")
-            values[k] = value
-        for source in (recipe.defaults, overrides, extra):
-            for key, value in source.items():
-                k = key.replace("-", "_")
-                if value is not None and k in opts:
-                    values[k] = value
-        argv = [step.command]
-        for k, v in values.items():
-            argv += _argv_for(k, v, opts[k])
-        argvs.append(argv)
-    unused = [k for k in extra if not any(k.replace("-", "_") in _options(commands[s.command]) for s in recipe.steps)]
-    if unused:
-        raise UserError(f"--set {unused[0]}: no step of {recipe.path.name} has the option "
-                        f"--{unused[0].replace('_', '-')}")
-    return argvs
-
-
-def run_step(argv: list[str]) -> None:
-    """Run one ipbench command in this process; a failure stops the recipe (exit code 2)."""
-    import click
-
-    cmd = _commands()[argv[0]]
-    try:
-        code = cmd.main(args=argv[1:], prog_name=f"ipbench {argv[0]}", standalone_mode=False)
-    except click.ClickException as exc:
-        raise UserError(f"ipbench {argv[0]}: {exc.format_message()}") from None
-    except click.exceptions.Abort:
-        raise KeyboardInterrupt from None
-    if isinstance(code, int) and code != 0:
-        if code == 130:
-            raise KeyboardInterrupt
-        raise UserError(f"step failed (exit code {code}): ipbench {shlex.join(argv)}")
-
-
 # -- comparing ----------------------------------------------------------------------------------
 
-def _canon(spec: str, cache: dict[str, str]) -> str:
+Canon = Callable[[str], str]  # a spec as written -> its canonical form (the command line passes the parser's)
+
+
+def _canon(spec: str, cache: dict[str, str], canon: Canon | None = None) -> str:
     if spec not in cache:
         try:
-            from ipbench.reducers import parse_spec
-
-            cache[spec] = parse_spec(spec).spec
+            cache[spec] = (canon or str.strip)(spec)
         except Exception:  # a spec this ipbench cannot parse only matches itself
             cache[spec] = spec.strip()
     return cache[spec]
@@ -326,14 +233,15 @@ def _matches(series: pd.Series, want: Any) -> pd.Series:
     return series.astype(str).str.strip().str.lower() == str(want).strip().lower()
 
 
-def measured_value(df: pd.DataFrame, key: str, row: Row, col: Column, cache: dict[str, str]) -> float | None:
+def measured_value(df: pd.DataFrame, key: str, row: Row, col: Column, cache: dict[str, str],
+                   canon: Canon | None = None) -> float | None:
     """The number for one cell: the last CSV row of the row's reducer that meets the conditions."""
     import pandas as pd
 
     if key not in df.columns or col.value not in df.columns or row.reducer is None:
         return None
-    want = _canon(row.reducer, cache)
-    rows = df[df[key].astype(str).map(lambda s: _canon(s, cache)) == want]
+    want = _canon(row.reducer, cache, canon)
+    rows = df[df[key].astype(str).map(lambda s: _canon(s, cache, canon)) == want]
     for c, v in {**row.where, **col.where}.items():
         if c not in rows.columns:
             return None
@@ -376,12 +284,20 @@ def _fmt(v: float | None, digits: int) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
-def compare(recipe: Recipe, cmp: Compare, folder: Path, run_model: str | None) -> Comparison:
-    """Paper numbers beside the measured ones for one compare block of a recipe."""
-    from ipbench.models import resolve_name
-    from ipbench.plots import data_name, hardware_summary, short_spec
+def compare(recipe: Recipe, cmp: Compare, folder: Path, run_model: str | None, canon: Canon | None = None,
+            label: Callable[[str], str] | None = None, resolve_name: Callable[[str], str] | None = None
+            ) -> Comparison:
+    """Paper numbers beside the measured ones for one compare block of a recipe.
+
+    `canon` puts a reducer spec in canonical form, `label` shortens it for the "measured as" column
+    and `resolve_name` turns a model alias into its timm name (the command line passes the engine's
+    functions; this module never imports it).
+    """
+    from ipbench.plots.frames import data_name, hardware_summary
     from ipbench.results import read_rows
 
+    resolve_name = resolve_name or str
+    label = label or str
     path = folder / cmp.csv
     try:
         df = read_rows(path)
@@ -404,12 +320,12 @@ def compare(recipe: Recipe, cmp: Compare, folder: Path, run_model: str | None) -
         show = row.reducer is not None and (not same or row in same)
         line = [row.label + (f" [{row.model}]" if row.model else "")]
         for c, p in zip(cmp.columns, row.paper):
-            m = measured_value(df, cmp.key, row, c, cache) if show and not df.empty else None
+            m = measured_value(df, cmp.key, row, c, cache, canon) if show and not df.empty else None
             line += [_fmt(p, c.digits), _fmt(m, c.digits)]
         for c in cmp.extra:
-            m = measured_value(df, cmp.key, row, c, cache) if show and not df.empty else None
+            m = measured_value(df, cmp.key, row, c, cache, canon) if show and not df.empty else None
             line.append(_fmt(m, c.digits))
-        measured_as = short_spec(_canon(row.reducer, cache)) if show and row.reducer else ""
+        measured_as = label(_canon(row.reducer, cache, canon)) if show and row.reducer else ""
         if show and (row.where or row.nearest):
             conds = [f"{k}={v}" for k, v in row.where.items()] + [f"{k}≈{v}" for k, v in row.nearest.items()]
             measured_as += f" ({', '.join(conds)})"
@@ -437,7 +353,7 @@ def comparison_markdown(recipe: Recipe, comps: list[Comparison], argvs: list[lis
     """The comparison as markdown, with the commands that produced it."""
     import pandas as pd
 
-    from ipbench.report import markdown_table
+    from ipbench.plots.report import markdown_table
 
     lines = [f"# {recipe.title}", ""]
     if recipe.paper:
@@ -450,17 +366,3 @@ def comparison_markdown(recipe: Recipe, comps: list[Comparison], argvs: list[lis
         lines += [markdown_table(pd.DataFrame(comp.cells, columns=comp.columns)), ""]
         lines += [f"- {n}" for n in comp.footnotes] + ([""] if comp.footnotes else [])
     return "\n".join(lines)
-
-
-def print_comparison(comp: Comparison, echo: Callable[[Any], None]) -> None:
-    """A rich table of one comparison."""
-    from rich.table import Table
-
-    table = Table(title=comp.title, caption="\n".join(comp.header + comp.footnotes) or None,
-                  caption_justify="left")
-    for i, c in enumerate(comp.columns):
-        table.add_column(c, justify="left" if i in (0, len(comp.columns) - 1) else "right",
-                         style="bold" if c.endswith("(here)") else None, overflow="fold")
-    for row in comp.cells:
-        table.add_row(*row)
-    echo(table)

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ipbench.plots import (
+from ipbench.plots.frames import (
     QUALIFIERS,
     SWEEP_KINDS,
     PlotOutput,
@@ -25,7 +25,8 @@ from ipbench.plots import (
     is_baseline,
     numeric,
     read_folder,
-    short_spec,
+    row_labels,
+    row_lines,
     spec_column,
     training_note,
 )
@@ -113,7 +114,8 @@ def settings_lines(df: pd.DataFrame) -> list[str]:
     devices = _uniq(df, "device")
     names = _uniq(df, "device_name")
     add("device", [f"{d} ({', '.join(names)})" if names else d for d in devices])
-    for col, name in (("dtype", "dtype"), ("batch_size", "batch size"), ("threads", "CPU threads"),
+    for col, name in (("dtype", "dtype"), ("amp_dtype", "autocast dtype"), ("model_dtype", "model dtype"),
+                      ("batch_size", "batch size"), ("threads", "CPU threads"),
                       ("repeats", "timing repeats"), ("seed", "seed")):
         add(name, _uniq(df, col))
     versions = [f"{lib} {'/'.join(_uniq(df, lib))}" for lib in ("torch", "timm", "ipbench") if _uniq(df, lib)]
@@ -125,13 +127,16 @@ def settings_lines(df: pd.DataFrame) -> list[str]:
     note = training_note(df)
     if note:
         out.append(f"- {note}: off-the-shelf weights, no fine-tuning")
+    if "random" in _uniq(df, "weights"):
+        out.append("- **random weights** (timm's initialisation): accuracies are meaningless; GMACs, tokens and "
+                   "speed are not")
     return out
 
 
 # -- per-kind tables ----------------------------------------------------------------------------
 
 def _label(df: pd.DataFrame) -> pd.Series:
-    return df[spec_column(df)].map(short_spec)
+    return row_labels(df)
 
 
 def _run_cols(df: pd.DataFrame) -> dict[str, pd.Series]:
@@ -161,7 +166,7 @@ def _sweep_table(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
     import pandas as pd
 
     order = df.assign(_base=~df[spec_column(df)].map(is_baseline), _lab=_label(df),
-                      _line=df[spec_column(df)].map(lambda s: short_spec(s, drop_swept=True)),
+                      _line=row_lines(df),
                       _k=-numeric(df, "keep_rate")).sort_values(["_base", "_line", "_k", "_lab"], kind="stable")
     cols: dict[str, Any] = {**_run_cols(order), "reducer": order["_lab"]}
     if numeric(order, "keep_rate").notna().any():

@@ -1,0 +1,224 @@
+"""The measuring commands: eval, sweep, flops, speed. Each parses its options, calls one run, prints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from ipbench.cli.app import app, handle_errors
+from ipbench.cli.options import (
+    BatchOpt,
+    ForceOpt,
+    OutOpt,
+    ReducersOpt,
+    parse_budgets,
+    parse_keep_rates,
+    parse_tome_r,
+    policies,
+    run_options,
+)
+from ipbench.errors import UserError
+
+if TYPE_CHECKING:
+    from ipbench.runs.context import RunSpec
+
+ReducerOpt = Annotated[str, typer.Option(
+    "--reducer", help="Token reducer spec, e.g. 'evit:keep=0.7' or 'tome:r=13'; 'none' is plain timm.")]
+RepeatsOpt = Annotated[int, typer.Option(
+    "--repeats", min=1, help="Timed rounds; each round times every model once, interleaved.")]
+MinSecondsOpt = Annotated[float, typer.Option(
+    "--min-seconds", min=0.0, help="Each timing repeats the forward pass for at least this long.")]
+WarmupOpt = Annotated[int, typer.Option("--warmup", min=1, help="Untimed forward passes per model first.")]
+CompileOpt = Annotated[bool, typer.Option(
+    "--compile", help="torch.compile every model before timing (the warm-up compiles).")]
+SpeedGroupOpt = Annotated[int, typer.Option(
+    "--speed-group", min=0,
+    help="Reducers timed per interleaved group with the baseline (each group its own rounds); small "
+         "groups pair every reducer with a baseline timing close in time. 0 = all in one group.")]
+
+
+def _protocol(batch_size: int, repeats: int, min_seconds: float, warmup: int, compile_: bool, group: int):  # noqa: ANN202
+    from ipbench.measure.throughput import SpeedProtocol
+
+    return SpeedProtocol(batch_size=batch_size, repeats=repeats, min_seconds=min_seconds, warmup=warmup,
+                         compile=compile_, group=group)
+
+
+@app.command("eval")
+@handle_errors
+@run_options()
+def eval_cmd(run: RunSpec, reducer: ReducerOpt = "none", out: OutOpt = Path("results")) -> None:
+    """Top-1/top-5 of one model (optionally with a token reducer) on a data source.
+
+    Any timm classifier works without a reducer (--model resnet18); a reducer needs a timm ViT.
+    Prints a table and appends one row to OUT/eval.csv (columns: see the README).
+    """
+    from rich.table import Table
+
+    from ipbench.cli.display import Display, wide_console
+    from ipbench.reducers import parse_spec
+    from ipbench.runs.eval import run_eval
+
+    policy = parse_spec(reducer)
+    with Display() as d:
+        outcome = run_eval(run, policy, out, d)
+    res, row = outcome.result, outcome.row
+
+    def pct(value: float | None, correct: int) -> str:
+        return "n/a" if value is None else f"{value:.1f} ({correct}/{res.total})"
+
+    caption = "accuracy n/a: synthetic images have no labels" if not outcome.ctx.source.has_labels else None
+    table = Table(title=f"eval: {outcome.ctx.model} on {outcome.ctx.source.path}",
+                  caption="\n".join(n for n in [caption, *outcome.notes] if n) or None)
+    table.add_column("reducer", overflow="fold")
+    for col in ("images", "final tokens", "top-1 %", "top-5 %", "img/s"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_row(row["reducer_label"], str(res.images), str(row["final_tokens"] or "–"), pct(res.top1, res.correct1),
+                  pct(res.top5, res.correct5), f"{res.images / outcome.seconds:.1f}" if outcome.seconds > 0 else "-")
+    console = wide_console()
+    console.print(table)
+    skipped = outcome.ctx.source.skipped
+    if skipped:
+        typer.echo(f"skipped {len(skipped)} unreadable image(s); first: {skipped[0]}", err=True)
+    for note in outcome.notes:
+        typer.echo(f"note: {note}", err=True)
+    console.print(f"row appended to {outcome.csv_path}", soft_wrap=True)
+
+
+@app.command("sweep")
+@handle_errors
+@run_options()
+def sweep_cmd(
+    run: RunSpec,
+    reducers: ReducersOpt = None,
+    keep_rates: Annotated[str | None, typer.Option(
+        "--keep-rates", help="Keep rates ρ in (0, 1], comma separated (default 0.9,0.8,0.7,0.6,0.5). "
+                             "evit/topk/imagepiece/mstm get keep=ρ; ToMe the r closest to EViT's GMACs at ρ.")] = None,
+    tome_r: Annotated[str | None, typer.Option(
+        "--tome-r", help="Run ToMe at these r values (e.g. 8,13,16) instead of mapping each keep rate to r.")] = None,
+    match_gmacs: Annotated[str | None, typer.Option(
+        "--match-gmacs", help="Calibrate every reducer's parameter to this GMACs budget per image "
+                              "(or several, comma separated) instead of sweeping keep rates: equal cost.")] = None,
+    repeats: RepeatsOpt = 5,
+    min_seconds: MinSecondsOpt = 2.0,
+    warmup: WarmupOpt = 2,
+    speed: Annotated[bool, typer.Option(
+        "--speed/--no-speed", help="Measure throughput (interleaved with the baseline); --no-speed skips it.")] = True,
+    compile_: CompileOpt = False,
+    speed_group: SpeedGroupOpt = 4,
+    out: OutOpt = Path("results"),
+    force: ForceOpt = False,
+    max_decoded_mib: Annotated[int, typer.Option(
+        "--max-decoded-mib", min=1,
+        help="Keep the decoded images in memory up to this size (rows are then written one by one); "
+             "larger data is streamed once for all configurations.")] = 2048,
+) -> None:
+    """Reducers × keep rates (or a GMACs budget): accuracy, GMACs and throughput, one row each.
+
+    Default reducers: tome, evit, imagepiece. Appends to OUT/sweep.csv, one row per configuration plus
+    the baseline ('none'); configurations already there are skipped, so an interrupted sweep resumes.
+    """
+    from ipbench.cli.display import Display, rows_table, wide_console
+    from ipbench.runs.context import check_spec
+    from ipbench.runs.sweep import SweepRequest, run_sweep
+
+    if match_gmacs is not None and (keep_rates is not None or tome_r is not None):
+        raise UserError(f"--match-gmacs and {'--keep-rates' if keep_rates is not None else '--tome-r'} "
+                        "exclude each other: a budget sets each reducer's parameter itself")
+    req = SweepRequest(
+        policies=policies(reducers, "tome,evit,imagepiece"),
+        keep_rates=parse_keep_rates(keep_rates) if keep_rates is not None else None,
+        knob_values=parse_tome_r(tome_r) if tome_r is not None else None,
+        budgets=parse_budgets(match_gmacs) if match_gmacs is not None else None,
+        speed=_protocol(run.batch_size, repeats, min_seconds, warmup, compile_, speed_group),
+        measure_speed=speed, force=force, max_decoded_mib=max_decoded_mib)
+    check_spec(run)
+    with Display(None, "sweep") as d:
+        report = run_sweep(run, req, out, d)
+    caption = list(report.notes)
+    if report.accuracy_skipped:
+        caption.insert(0, "accuracy skipped: synthetic images have no labels")
+    console = wide_console()
+    console.print(rows_table(report.rows, f"sweep: {report.model} on {report.data}", "\n".join(caption) or None))
+    if report.accuracy_skipped:
+        typer.echo("accuracy skipped: synthetic images have no labels (GMACs and throughput only)", err=True)
+    if report.skipped_images:
+        typer.echo(f"skipped {len(report.skipped_images)} unreadable image(s); first: {report.skipped_images[0]}",
+                   err=True)
+    done = (f"{report.measured} configuration(s) measured" if report.measured
+            else "nothing to measure (use --force to measure again)")
+    resumed = f", {report.skipped} already in the CSV" if report.skipped else ""
+    console.print(f"{done}{resumed}; rows in {report.csv_path}", soft_wrap=True)
+
+
+@app.command("flops")
+@handle_errors
+@run_options(exclude=("limit", "skip_bad", "amp_dtype", "batch_size", "workers"))
+def flops_cmd(
+    run: RunSpec,
+    reducers: ReducersOpt = None,
+    images: Annotated[int, typer.Option(
+        "--images", min=1, help="Real images traced by fvcore (evenly spaced over the data); token counts "
+                                "are static, so one is enough.")] = 1,
+    out: OutOpt = Path("results"),
+) -> None:
+    """GMACs per image of the baseline and each reducer: fvcore (with the SDPA handle) and analytic.
+
+    The two counts must agree within 1 %. Appends one row per reducer to OUT/flops.csv. GMACs do not
+    depend on the weights: --weights random --data synthetic needs no file at all.
+    """
+    from ipbench.cli.display import Display, rows_table, wide_console
+    from ipbench.runs.cost import flops_disagree, run_flops
+
+    with Display(None, "flops") as d:
+        outcome = run_flops(run, policies(reducers, "none"), images, out, d)
+    rows = outcome.rows
+    caption = (f"GMACs per image: {rows[0]['flop_counter']} on {rows[0]['num_images']} image(s) of "
+               f"{rows[0]['data']}; analytic from the static token plan")
+    wide_console().print(rows_table(rows, f"flops: {rows[0]['model']}", caption,
+                                    columns=("tokens", "gmacs", "analytic")))
+    for r in rows:
+        if r["gmacs_analytic"] != "" and flops_disagree(r):
+            typer.echo(f"warning: {r['reducer_label']}: fvcore {r['gmacs']} and analytic {r['gmacs_analytic']} "
+                       "GMACs differ by more than 1 %", err=True)
+    typer.echo(f"{len(rows)} row(s) appended to {outcome.csv_path}")
+
+
+@app.command("speed")
+@handle_errors
+@run_options(exclude=("limit", "skip_bad", "batch_size", "workers"))
+def speed_cmd(
+    run: RunSpec,
+    reducers: ReducersOpt = None,
+    batch_size: BatchOpt = 32,
+    repeats: RepeatsOpt = 5,
+    min_seconds: MinSecondsOpt = 2.0,
+    warmup: WarmupOpt = 2,
+    compile_: CompileOpt = False,
+    speed_group: SpeedGroupOpt = 4,
+    out: OutOpt = Path("results"),
+) -> None:
+    """Throughput of the baseline and each reducer, interleaved on one fixed batch of real images.
+
+    img/s median [min–max] over the rounds, and the speed-up as the median of per-round paired
+    ratios against the baseline. Appends one row per model to OUT/speed.csv.
+    """
+    import dataclasses
+
+    from ipbench.cli.display import Display, rows_table, wide_console
+    from ipbench.runs.context import check_spec
+    from ipbench.runs.cost import run_speed
+
+    run = dataclasses.replace(run, batch_size=batch_size)
+    check_spec(run)
+    protocol = _protocol(batch_size, repeats, min_seconds, warmup, compile_, speed_group)
+    with Display(None, "speed") as d:
+        outcome = run_speed(run, policies(reducers, "none"), protocol, out, d)
+    rows = outcome.rows
+    caption = (f"{batch_size} images per batch from {rows[0]['data']}, {outcome.ctx.dtype}, "
+               f"{rows[0]['threads']} thread(s), {repeats} rounds of >= {min_seconds:g} s")
+    wide_console().print(rows_table(rows, f"speed: {rows[0]['model']} on {rows[0]['device_name']}", caption,
+                                    columns=("tokens", "analytic", "speed")))
+    typer.echo(f"{len(rows)} row(s) appended to {outcome.csv_path}")

@@ -1,0 +1,93 @@
+"""The commands that read results or draw: plot, report, visualize (torch only for visualize)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from ipbench.cli.app import app, handle_errors
+from ipbench.cli.options import run_options
+from ipbench.errors import UserError
+
+if TYPE_CHECKING:
+    from ipbench.runs.context import RunSpec
+
+ResultsArg = Annotated[Path, typer.Argument(
+    help="Folder holding the result CSVs (sweep.csv, eval.csv, robustness.csv, ...).")]
+
+
+def results_folder(folder: Path, writing: bool = True) -> Path:
+    """A folder of result CSVs; one that figures and REPORT.md will be written into must be writable."""
+    from ipbench.results import prepare_out
+
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder (give the folder the result CSVs were written to)")
+    return prepare_out(folder, "folder") if writing else folder
+
+
+@app.command("plot")
+@handle_errors
+def plot_cmd(
+    folder: ResultsArg = Path("results"),
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Folder for the figures (default: FOLDER/plots).")] = None,
+) -> None:
+    """Figures (PNG + SVG) and FOLDER/REPORT.md from every ipbench CSV in a folder.
+
+    A missing or empty CSV, or a column a figure needs, skips that figure with a note.
+    """
+    from ipbench.plots import plot_folder, write_report
+    from ipbench.results import prepare_out
+
+    results_folder(folder)
+    if out is not None:
+        prepare_out(out)
+    done = plot_folder(folder, out)
+    for name, pngs in done.figures.items():
+        for png in pngs:
+            typer.echo(f"{name}: {png}")
+    for note in done.notes:
+        typer.echo(f"note: {note}")
+    if not done.tables:
+        typer.echo(f"no ipbench result CSV with rows in {folder}")
+    typer.echo(f"report: {write_report(folder, done, command='plot')}")
+
+
+@app.command("report")
+@handle_errors
+def report_cmd(folder: ResultsArg = Path("results")) -> None:
+    """Write FOLDER/REPORT.md (settings, tables, existing figures) without redrawing the figures."""
+    from ipbench.plots import write_report
+
+    typer.echo(f"report: {write_report(results_folder(folder))}")
+
+
+@app.command("visualize")
+@handle_errors
+@run_options(exclude=("data", "limit", "skip_bad", "batch_size", "workers", "threads", "seed"))
+def visualize_cmd(
+    run: RunSpec,
+    image: Annotated[Path, typer.Option(
+        "--image", "-i", help="The image file (any format PIL reads); it gets the model's eval crop.")],
+    reducer: Annotated[str, typer.Option(
+        "--reducer", help="Token reducer spec whose token groups are drawn, e.g. 'imagepiece' or 'tome:r=13'.")],
+    layer: Annotated[str | None, typer.Option(
+        "--layer", help="Block(s) after which the groups are drawn, 0-indexed: 11, -1, 2,5,8,11 or 'all' "
+                        "(default: the last block).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="PNG file to write (default: results/tokens_<image name>.png).")] = None,
+) -> None:
+    """Draw the token groups of a reducer over an image (each merged token one colour, discarded patches grey).
+
+    Traces one forward pass: after the chosen block, every token's source patches.
+    """
+    from ipbench.plots.tokens import png_path, save_groups
+    from ipbench.reducers import parse_spec
+    from ipbench.runs.visualize import token_groups
+
+    policy = parse_spec(reducer)  # bad input fails before the model loads
+    png = png_path(out, image)
+    groups = token_groups(run, image, policy, layer)
+    typer.echo(f"figure: {save_groups(groups.image, groups.layouts, groups.patch, groups.title, png)}")

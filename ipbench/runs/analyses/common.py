@@ -1,0 +1,195 @@
+"""What every analysis command shares: the run context with its images decoded once, row fields and
+keys, resume, traced passes through the one batch loop, and the trace analyses' driver.
+
+Images are decoded once (uint8) and every reducer runs on the same tensor, one reducer after the
+other, so rows are written as soon as a reducer is done and an interrupted run resumes at the
+reducer it stopped in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ipbench import results
+from ipbench.data import batched
+from ipbench.errors import UserError
+from ipbench.reducers import Policy
+from ipbench.reducers.trace import Trace, get_trace
+from ipbench.runs.context import RunContext, RunSpec, open_run
+from ipbench.runs.loop import Forward, Job, run_jobs
+from ipbench.runs.plan import BASELINE, Config, config, variant
+from ipbench.runs.progress import Progress, Silent
+
+
+@dataclass
+class AnalysisRun:
+    """A run context and the images it is measured on (decoded once, kept for every reducer)."""
+
+    ctx: RunContext
+    images: Tensor  # uint8 [N, C, H, W]
+    labels: Tensor
+    progress: Progress = field(default_factory=Silent)
+
+    @property
+    def net(self) -> nn.Module:
+        return self.ctx.net
+
+    @property
+    def has_labels(self) -> bool:
+        return self.ctx.source.has_labels
+
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return batched(self.images, self.labels, self.ctx.spec.batch_size)
+
+    def key(self, command: str, spec: str, **extra: Any) -> str:
+        """config_key of one row: the command, the run's identity, the reducer and the row's own
+        coordinates (layer, mask count, ...)."""
+        return results.config_key({"command": command, **self.ctx.identity(), "num_images": len(self.images),
+                                   "reducer": spec, **extra})
+
+    def row_fields(self, cfg: Config, key: str) -> dict[str, Any]:
+        """The fields every analysis row carries (who, on what, with which reducer, where)."""
+        return {**self.ctx.row_fields(), "config_key": key, "num_images": len(self.images), **cfg.fields()}
+
+    def run(self, jobs: list[Job], description: str) -> None:
+        """One pass of `jobs` over every image, with a progress phase."""
+        self.progress.phase(description, len(self.images))
+        run_jobs(self.ctx, self.batches(), jobs, self.progress)
+
+    def probe(self, model: nn.Module) -> Trace:
+        """The trace of ONE image: cheap, tells whether a reducer merges at all."""
+        with torch.inference_mode(), self.ctx.precision():
+            model(self.ctx.inputs(self.images[:1]))
+        return get_trace(model)
+
+
+def load(spec: RunSpec, what: str, progress: Progress | None = None) -> AnalysisRun:
+    """The model and ALL images decoded once (a progress phase while decoding)."""
+    progress = progress or Silent()
+    ctx = open_run(spec)
+    images, labels = ctx.decode(progress, f"{what}: decode")
+    return AnalysisRun(ctx=ctx, images=images, labels=labels, progress=progress)
+
+
+def rounded(value: float | None, digits: int) -> Any:
+    """A number for a CSV cell: rounded, or empty when not available (nan/None)."""
+    if value is None or value != value:
+        return ""
+    return round(float(value), digits)
+
+
+def parse_floats(text: str, option: str) -> list[float]:
+    """``0,0.5,1`` → [0.0, 0.5, 1.0]; a one-line UserError naming the option otherwise."""
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"{option}: expected numbers separated by commas, got {text!r}") from None
+    if not values:
+        raise UserError(f"{option}: no value given")
+    return list(dict.fromkeys(values))
+
+
+def parse_ints(text: str, option: str) -> list[int]:
+    """``7,10,15`` → [7, 10, 15]; a one-line UserError naming the option otherwise."""
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"{option}: expected integers separated by commas, got {text!r}") from None
+    if not values:
+        raise UserError(f"{option}: no value given")
+    return list(dict.fromkeys(values))
+
+
+@dataclass
+class Outcome:
+    """What a command did: rows (new and resumed, in table order), notes, the CSV, and how many
+    rows were measured now or read back from an earlier run."""
+
+    csv_path: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    measured: int = 0
+    resumed: int = 0
+    run: AnalysisRun | None = None
+
+
+def start(spec: RunSpec, out: Path, command: str, columns: list[str], progress: Progress | None
+          ) -> tuple[Path, dict[str, dict[str, str]]]:
+    """The checks every analysis makes before loading anything: the output folder and its CSV."""
+    csv_path = results.prepare_out(out) / f"{command}.csv"
+    results.check_header(csv_path, columns)
+    return csv_path, results.rows_by_key(csv_path)
+
+
+class Analysis:
+    """One reducer's accumulation over traced batches (a consumer of the batch loop); subclasses say
+    what a row is.
+
+    `skip_reason` sees a one-image trace first: it says whether there is anything to measure and
+    sets `layers` (the blocks with rows), so that the keys of every row are known before the pass.
+    """
+
+    command = ""
+
+    def __init__(self, run: AnalysisRun, policy: Policy) -> None:
+        self.run, self.policy = run, policy
+        self.layers: list[int] = []
+
+    def skip_reason(self, probe: Trace) -> str | None:
+        """Why this reducer has nothing to measure, or None (and set `layers`)."""
+        raise NotImplementedError
+
+    def row_keys(self) -> list[str]:
+        """config_key of every row this reducer will write."""
+        raise NotImplementedError
+
+    def add(self, out: Forward) -> None:
+        raise NotImplementedError
+
+    def rows(self, cfg: Config) -> list[dict[str, Any]]:
+        """Every row of this reducer (per block, then the pooled "all" rows), each with its key."""
+        raise NotImplementedError
+
+    def key(self, **extra: Any) -> str:
+        return self.run.key(self.command, self.policy.spec, **extra)
+
+
+def run_traced(spec: RunSpec, out: Path, command: str, columns: list[str], policies: list[Policy], force: bool,
+               make: Callable[[AnalysisRun, Policy], Analysis], progress: Progress | None = None) -> Outcome:
+    """Trace every reducer over all images and write its rows (reducers already done are skipped,
+    their rows read back for the table)."""
+    csv_path, done = start(spec, out, command, columns, progress)
+    run = load(spec, command, progress)
+    outcome = Outcome(csv_path=csv_path, run=run)
+    for policy in policies:
+        analysis = make(run, policy)
+        label = policy.label()
+        if policy.name == BASELINE:
+            outcome.notes.append(f"{label}: no reduction, nothing to measure: skipped")
+            continue
+        cfg = config(run.net, policy)
+        model = variant(run.net, policy, tracing=True)
+        reason = analysis.skip_reason(run.probe(model))
+        if reason is not None:
+            outcome.notes.append(f"{label}: {reason}: skipped")
+            continue
+        keys = analysis.row_keys()
+        if not force and keys and all(k in done for k in keys):
+            outcome.rows.extend(done[k] for k in keys)
+            outcome.resumed += len(keys)
+            continue
+        run.run([Job(policy.spec, model, [analysis], traced=True)], f"{command}: {label}")
+        for row in analysis.rows(cfg):
+            outcome.rows.append(row)
+            if force or row["config_key"] not in done:
+                results.append_row(csv_path, row, columns)
+                outcome.measured += 1
+            else:
+                outcome.resumed += 1
+    return outcome

@@ -1,0 +1,158 @@
+"""What a configuration costs: GMACs (fvcore, with the analytic count beside it) and throughput.
+
+`ipbench flops` and `ipbench speed` are here, and the pieces the sweep shares with them: the
+fvcore count with its analytic fallback, the fixed batch of real images that is timed, and the
+speed columns of a row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from ipbench import results
+from ipbench.measure.flops import count_gmacs
+from ipbench.measure.throughput import SpeedProtocol, SpeedResult, measure_grouped
+from ipbench.reducers import Policy
+from ipbench.runs.context import RunContext, RunSpec, open_run
+from ipbench.runs.plan import BASELINE, Config, Costs, Variants, config, is_vit
+from ipbench.runs.progress import Progress, Silent
+
+FLOPS_AGREEMENT = 0.01  # fvcore and the analytic count must agree within 1 %
+ANALYTIC_COUNTER = "analytic"  # flop_counter of a row whose model fvcore could not trace
+
+
+def measured_gmacs(model: nn.Module, images: Tensor, label: str, analytic: float | None,
+                   log: Any) -> tuple[Any, str]:
+    """fvcore's count (+ SDPA handle) and its counter name; the analytic count where fvcore fails.
+
+    A reducer whose forward torch.jit cannot trace would otherwise stop a whole run; its row then
+    says ``flop_counter=analytic`` and a warning names the cause. `log(message)` gets warnings.
+    """
+    try:
+        fv = count_gmacs(model, images)
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = detail.split("traceable): ", 1)[-1].split(", please report", 1)[0]
+        log(f"warning: {label}: fvcore could not trace the model (torch.jit: {detail[:120]}); "
+            f"its GMACs are the analytic count (flop_counter={ANALYTIC_COUNTER})")
+        return ("" if analytic is None else analytic), ANALYTIC_COUNTER
+    if fv.unknown_ops:
+        log(f"warning: {label}: no MAC count for {', '.join(fv.unknown_ops)} (counted as 0)")
+    if analytic is not None and abs(fv.gmacs - analytic) > FLOPS_AGREEMENT * analytic:
+        log(f"warning: {label}: fvcore {fv.gmacs:.4f} vs analytic {analytic:.4f} GMACs differ by "
+            f"more than {100 * FLOPS_AGREEMENT:g} %")
+    return fv.gmacs, fv.counter
+
+
+def flops_disagree(row: dict[str, Any]) -> bool:
+    """Whether fvcore and the analytic count of a row differ by more than 1 %."""
+    fv, an = float(row["gmacs"]), float(row["gmacs_analytic"])
+    return abs(fv - an) > FLOPS_AGREEMENT * an
+
+
+def fixed_batch(images: Tensor, batch_size: int) -> Tensor:
+    """`batch_size` images: the first ones, repeated in order when the data has fewer."""
+    if len(images) >= batch_size:
+        return images[:batch_size]
+    return images.repeat(math.ceil(batch_size / len(images)), 1, 1, 1)[:batch_size]
+
+
+def speed_fields(r: SpeedResult | None, protocol: SpeedProtocol) -> dict[str, Any]:
+    """The speed columns of a row (empty when speed was not measured)."""
+    if r is None:
+        return {}
+    return {
+        "img_s_median": round(r.images_per_s, 2), "img_s_min": round(r.images_per_s_min, 2),
+        "img_s_max": round(r.images_per_s_max, 2), "speedup_median": round(r.speedup, 4),
+        "speedup_min": round(r.speedup_min, 4), "speedup_max": round(r.speedup_max, 4),
+        "repeats": protocol.repeats, "min_seconds": protocol.min_seconds, "compile": protocol.compile,
+    }
+
+
+def time_configs(ctx: RunContext, nets: dict[str, nn.Module], batch: Tensor, protocol: SpeedProtocol,
+                 progress: Progress) -> dict[str, SpeedResult]:
+    """Interleaved throughput of every model (keyed by spec, the baseline among them) on one batch."""
+    progress.phase(f"throughput, {len(nets)} models interleaved with the baseline", None)
+    return measure_grouped(nets, ctx.inputs(batch), BASELINE, protocol, ctx.spec.device, ctx.spec.amp_dtype,
+                           progress.set_done)
+
+
+@dataclass
+class CostOutcome:
+    """Rows written by flops or speed."""
+
+    ctx: RunContext
+    csv_path: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _configs(ctx: RunContext, policies: list[Policy]) -> list[Config]:
+    costs = Costs(ctx.net) if is_vit(ctx.net) else None
+    specs = dict.fromkeys([BASELINE, *(p.spec for p in policies)])
+    by_spec = {p.spec: p for p in policies}
+    return [config(ctx.net, by_spec.get(s, s), costs) for s in specs]
+
+
+def run_flops(spec: RunSpec, policies: list[Policy], images: int, out: Path,
+              progress: Progress | None = None) -> CostOutcome:
+    """GMACs per image (fvcore + SDPA handle, on real images) and the analytic count, per reducer."""
+    progress = progress or Silent()
+    csv_path = results.prepare_out(out) / "flops.csv"
+    results.check_header(csv_path, results.SWEEP_COLUMNS)
+    ctx = open_run(spec, source_limit=images)
+    configs = _configs(ctx, policies)
+    variants = Variants(ctx.net)
+    x = ctx.inputs(ctx.first_images(images))
+    outcome = CostOutcome(ctx=ctx, csv_path=csv_path)
+    base = None
+    progress.phase("GMACs (fvcore)", len(configs))
+    for c in configs:
+        gm, counter = measured_gmacs(variants(c.policy), x, c.label, c.gmacs, progress.log)
+        base = base or gm
+        row = {
+            **ctx.row_fields(), "num_images": len(x), "batch_size": len(x),
+            "config_key": results.config_key({"command": "flops", **ctx.identity(), "reducer": c.spec,
+                                              "images": len(x)}),
+            **c.fields(), "gmacs_analytic": round(c.gmacs, 4) if c.gmacs is not None else "",
+            "gmacs": round(gm, 4), "flop_counter": counter, "gmacs_ratio": round(base / gm, 4),
+        }
+        results.append_row(csv_path, row, results.SWEEP_COLUMNS)
+        outcome.rows.append(row)
+        progress.advance(1, c.label)
+        analytic = "n/a" if c.gmacs is None else f"{c.gmacs:.4f}"
+        progress.row_written(f"row: {c.label}: {gm:.4f} GMACs ({counter}; analytic {analytic})")
+    return outcome
+
+
+def run_speed(spec: RunSpec, policies: list[Policy], protocol: SpeedProtocol, out: Path,
+              progress: Progress | None = None) -> CostOutcome:
+    """Interleaved throughput of the baseline and every reducer on one fixed batch of real images."""
+    progress = progress or Silent()
+    csv_path = results.prepare_out(out) / "speed.csv"
+    results.check_header(csv_path, results.SWEEP_COLUMNS)
+    ctx = open_run(spec, source_limit=protocol.batch_size)
+    configs = _configs(ctx, policies)
+    variants = Variants(ctx.net)
+    uint8 = ctx.first_images(protocol.batch_size)
+    nets = {c.spec: variants(c.policy) for c in configs}
+    res = time_configs(ctx, nets, fixed_batch(uint8, protocol.batch_size), protocol, progress)
+    outcome = CostOutcome(ctx=ctx, csv_path=csv_path)
+    base = configs[0].gmacs
+    for c in configs:
+        row = {
+            **ctx.row_fields(), "num_images": len(uint8), "batch_size": protocol.batch_size,
+            "config_key": results.config_key({"command": "speed", **ctx.identity(), "reducer": c.spec,
+                                              "threads": ctx.threads, **protocol.key_fields()}),
+            **c.fields(), "gmacs_analytic": round(c.gmacs, 4) if c.gmacs is not None else "",
+            "gmacs_ratio": round(base / c.gmacs, 4) if base and c.gmacs else "",
+            **speed_fields(res[c.spec], protocol),
+        }
+        results.append_row(csv_path, row, results.SWEEP_COLUMNS)
+        outcome.rows.append(row)
+        progress.row_written(f"row: {c.label}: {res[c.spec].images_per_s:.1f} img/s, {res[c.spec].speedup:.2f}x")
+    return outcome

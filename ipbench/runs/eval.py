@@ -1,0 +1,69 @@
+"""`ipbench eval`: top-1/top-5 of one model, with or without a token reducer, on a data source.
+
+Any timm classifier runs without a reducer (a ResNet's accuracy is a fine baseline); a reducer
+needs a timm ViT. One row per run is appended to eval.csv (eval does not resume: every run is a
+measurement of its own).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ipbench import results
+from ipbench.measure.accuracy import Result
+from ipbench.reducers import Policy
+from ipbench.runs.context import RunContext, RunSpec, open_run
+from ipbench.runs.loop import Accuracy, Job, run_jobs
+from ipbench.runs.plan import config, variant
+from ipbench.runs.progress import Progress, Silent
+
+
+@dataclass
+class EvalOutcome:
+    """What eval measured and wrote."""
+
+    ctx: RunContext
+    row: dict[str, Any]
+    result: Result
+    seconds: float
+    csv_path: Path
+    notes: list[str] = field(default_factory=list)
+
+
+def run_eval(spec: RunSpec, reducer: Policy, out: Path, progress: Progress | None = None) -> EvalOutcome:
+    """Evaluate `reducer` on the spec's model and data; append one row to OUT/eval.csv."""
+    progress = progress or Silent()
+    csv_path = results.prepare_out(out) / "eval.csv"
+    results.check_header(csv_path, results.EVAL_COLUMNS)
+    ctx = open_run(spec)
+    cfg = config(ctx.net, reducer)
+    acc = Accuracy()
+    progress.phase("eval", ctx.source.num_images)
+    start = time.perf_counter()
+    run_jobs(ctx, ctx.source.batches(spec.batch_size, spec.workers), [Job(cfg.spec, variant(ctx.net, reducer), [acc])],
+             progress)
+    seconds = time.perf_counter() - start
+    res = acc.result
+    fields = cfg.fields()
+    row = {
+        **ctx.row_fields(),
+        "config_key": results.config_key({"command": "eval", **ctx.identity(), "reducer": cfg.spec}),
+        "num_images": res.images,
+        "skipped_images": len(ctx.source.skipped),
+        "reducer": cfg.spec,
+        "reducer_params": fields["reducer_params"],
+        "reducer_label": fields["reducer_label"],
+        "training_free": fields["training_free"],
+        "tokens_per_layer": fields["tokens_per_layer"],
+        "final_tokens": fields["final_tokens"],
+        "top1": "" if res.top1 is None else round(res.top1, 3),
+        "top5": "" if res.top5 is None else round(res.top5, 3),
+        "correct1": res.correct1,
+        "correct5": res.correct5,
+    }
+    results.append_row(csv_path, row, results.EVAL_COLUMNS)
+    notes = [ctx.accuracy_note] if ctx.accuracy_note and ctx.source.has_labels else []
+    return EvalOutcome(ctx=ctx, row=row, result=res, seconds=seconds, csv_path=csv_path, notes=notes)

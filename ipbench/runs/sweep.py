@@ -1,0 +1,184 @@
+"""`ipbench sweep`: reducers × keep rates (or GMACs budgets) → accuracy, GMACs, throughput rows.
+
+How a sweep runs, and why:
+
+* Configurations come from the static token plan (`ipbench.runs.plan`): each reducer's keep rate
+  (or budget) is turned into its own parameter, as its policy declares, before anything runs.
+* Every configuration is a weight-sharing copy of the ONE loaded model, patched on its own.
+* GMACs: fvcore (+ SDPA handle) on one real image, with the analytic count beside it.
+* Throughput: every pending configuration interleaved with the baseline on a fixed batch of real
+  images (paired speed-up ratios), in groups of a few configurations.
+* Accuracy: the images are decoded once. When they fit in ``max_decoded_mib``, configurations
+  are evaluated one after another on the decoded tensor and each row is written (flush + fsync)
+  as soon as its accuracy is complete: Ctrl-C loses at most the configuration in progress.
+  Larger data is streamed once with every pending configuration run on each batch, and the rows
+  are written at the end of that pass.
+* Resume: a configuration whose ``config_key`` is already in the CSV is skipped (``force``
+  measures again and appends; readers take the last row of a key).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ipbench import results
+from ipbench.data import batched
+from ipbench.errors import UserError
+from ipbench.measure.accuracy import Result
+from ipbench.measure.throughput import SpeedProtocol, SpeedResult
+from ipbench.reducers import Policy
+from ipbench.runs.context import RunContext, RunSpec, open_run
+from ipbench.runs.cost import fixed_batch, measured_gmacs, speed_fields, time_configs
+from ipbench.runs.loop import Accuracy, Job, run_jobs
+from ipbench.runs.plan import BASELINE, Config, Costs, Variants, is_vit, plan_sweep
+from ipbench.runs.progress import Progress, Silent
+
+DEFAULT_MAX_DECODED_MIB = 2048
+
+
+@dataclass
+class SweepRequest:
+    """What to sweep: the policies, and the keep rates, ToMe r values or budgets that drive them."""
+
+    policies: list[Policy]
+    keep_rates: list[float] | None = None
+    knob_values: list[int] | None = None  # --tome-r
+    budgets: list[float] | None = None  # --match-gmacs
+    speed: SpeedProtocol = field(default_factory=SpeedProtocol)
+    measure_speed: bool = True
+    force: bool = False
+    max_decoded_mib: int = DEFAULT_MAX_DECODED_MIB
+
+
+@dataclass
+class SweepReport:
+    """What the sweep did: its rows (new and resumed, in sweep order) and what to tell the user."""
+
+    csv_path: Path
+    rows: list[dict[str, str]]
+    measured: int
+    skipped: int
+    accuracy_skipped: bool
+    notes: list[str]
+    model: str
+    data: str
+    skipped_images: list[str] = field(default_factory=list)
+
+
+def _round(value: float | None, digits: int) -> Any:
+    return "" if value is None else round(value, digits)
+
+
+def _notes(configs: list[Config]) -> list[str]:
+    """What the reducers ask to be said beside their numbers (training-free, re-implemented)."""
+    parts = {p.name: type(p).note for c in configs for p in c.policy.parts}
+    return [f"{name}: {note}" for name, note in parts.items() if note]
+
+
+def run_sweep(spec: RunSpec, req: SweepRequest, out: Path, progress: Progress | None = None) -> SweepReport:
+    """Measure every configuration not yet in ``out/sweep.csv`` and append its row."""
+    progress = progress or Silent()
+    csv_path = results.prepare_out(out) / "sweep.csv"
+    results.check_header(csv_path, results.SWEEP_COLUMNS)
+    ctx = open_run(spec)
+    if not is_vit(ctx.net):
+        raise UserError(f"{ctx.model} is a {type(ctx.net).__name__}, not a timm VisionTransformer: the sweep compares "
+                        "token reducers on a ViT (use ipbench eval for this model's accuracy)")
+    policies = [p for p in req.policies if p.name != BASELINE]
+    configs = plan_sweep(Costs(ctx.net), policies, req.keep_rates, req.knob_values, req.budgets)
+    for c in configs:
+        c.key = results.config_key({
+            "command": "sweep", **ctx.identity(), "reducer": c.spec, "keep_rate": c.keep_rate,
+            "gmacs_budget": c.gmacs_budget, "threads": ctx.threads,
+            "speed": req.speed.key_fields() if req.measure_speed else None,
+        })
+    done = set() if req.force else results.existing_keys(csv_path)
+    pending = [c for c in configs if c.key not in done]
+    notes = _notes(configs)
+    if ctx.accuracy_note and ctx.source.has_labels:
+        notes.insert(0, ctx.accuracy_note)
+    report = SweepReport(csv_path=csv_path, rows=[], measured=len(pending), skipped=len(configs) - len(pending),
+                         accuracy_skipped=not ctx.source.has_labels, notes=notes, model=ctx.model,
+                         data=ctx.source.path)
+    if pending:
+        _measure(ctx, req, configs[0], pending, csv_path, progress)
+        report.skipped_images = list(ctx.source.skipped)
+    report.rows = results.last_rows(csv_path, [c.key for c in configs])
+    return report
+
+
+def _keep_text(c: Config) -> str:
+    if c.gmacs_budget is not None:
+        return f" @ {c.gmacs_budget:g} GMACs"
+    shown = c.keep_rate is None or f"keep={c.keep_rate:g}" in c.label
+    return "" if shown else f" (keep {c.keep_rate:g})"
+
+
+def _measure(ctx: RunContext, req: SweepRequest, baseline: Config, pending: list[Config], csv_path: Path,
+             progress: Progress) -> None:
+    bs = ctx.spec.batch_size
+    by_spec: dict[str, list[Config]] = {}
+    for c in pending:
+        by_spec.setdefault(c.spec, []).append(c)
+    first_of = {spec: cs[0] for spec, cs in by_spec.items()}
+    first_of.setdefault(BASELINE, baseline)
+    variants = Variants(ctx.net)
+    nets = {BASELINE: ctx.net, **{spec: variants(c.policy) for spec, c in first_of.items()}}
+    labelled = ctx.source.has_labels
+    decoded = None
+    if labelled and ctx.fits_in_memory(req.max_decoded_mib * 2**20):
+        decoded = ctx.decode(progress, "decoding images", req.max_decoded_mib * 2**20)
+        first = decoded[0][:bs]
+    else:
+        first = ctx.first_images(bs)
+    real = fixed_batch(first, bs)
+
+    progress.phase("GMACs (fvcore)", len(nets))
+    gmacs: dict[str, Any] = {}
+    counters: dict[str, str] = {}
+    x1 = ctx.inputs(real[:1])
+    for spec, model in nets.items():
+        c = first_of[spec]
+        gmacs[spec], counters[spec] = measured_gmacs(model, x1, c.label, c.gmacs, progress.log)
+        progress.advance(1, c.label)
+    speeds: dict[str, SpeedResult] = {}
+    if req.measure_speed:
+        speeds = time_configs(ctx, nets, real, req.speed, progress)
+
+    def write(spec: str, res: Result | None) -> None:
+        for c in by_spec[spec]:
+            row = {
+                **ctx.row_fields(), "config_key": c.key, **c.fields(),
+                "num_images": res.images if res is not None else "",
+                "keep_rate": _round(c.keep_rate, 6), "gmacs_budget": _round(c.gmacs_budget, 6),
+                "gmacs": round(gmacs[spec], 4), "gmacs_analytic": round(c.gmacs, 4) if c.gmacs is not None else "",
+                "flop_counter": counters[spec], "gmacs_ratio": round(gmacs[BASELINE] / gmacs[spec], 4),
+                **speed_fields(speeds.get(spec), req.speed),
+            }
+            if res is not None:
+                row.update(top1=_round(res.top1, 3), top5=_round(res.top5, 3),
+                           correct1=res.correct1 if res.total else "", correct5=res.correct5 if res.total else "")
+            results.append_row(csv_path, row, results.SWEEP_COLUMNS)
+            top1 = "" if res is None or res.top1 is None else f", top-1 {res.top1:.1f}"
+            speed = f", {speeds[spec].speedup:.2f}x" if spec in speeds else ""
+            progress.row_written(f"row: {c.label}{_keep_text(c)}: {gmacs[spec]:.3f} GMACs{top1}{speed}")
+
+    specs = list(by_spec)
+    if not labelled:
+        for spec in specs:
+            write(spec, None)
+    elif decoded is not None:
+        images, labels = decoded
+        for spec in specs:
+            acc = Accuracy()
+            progress.phase(f"accuracy {first_of[spec].label}", len(labels))
+            run_jobs(ctx, batched(images, labels, bs), [Job(spec, nets[spec], [acc])], progress)
+            write(spec, acc.result)
+    else:
+        progress.phase(f"accuracy, {len(specs)} configurations per batch", ctx.source.num_images)
+        accs = {spec: Accuracy() for spec in specs}
+        run_jobs(ctx, ctx.source.batches(bs, ctx.spec.workers), [Job(s, nets[s], [accs[s]]) for s in specs], progress)
+        for spec in specs:
+            write(spec, accs[spec].result)
