@@ -272,6 +272,27 @@ def read_rows(path: str | os.PathLike) -> pd.DataFrame:
     return pd.read_csv(file, keep_default_na=False, na_values=[""], dtype={k: str for k in HASH_COLUMNS})
 
 
+# Columns that tell the measurements of a CSV apart where it has no config_key (written by hand, or by
+# another tool): the run, the reducer and each analysis's own coordinates.
+IDENTITY_COLUMNS = ("model", "data", "num_images", "reducer_spec", "mask_count", "mask_fraction", "placement", "fill",
+                    "seed", "layer", "top_p", "locality", "retok", "stem")
+
+
+def latest(df: pd.DataFrame, qualifiers: tuple[str, ...] = ()) -> pd.DataFrame:
+    """One row per measurement, the last written (a --force rerun appends a newer row of a key).
+
+    Rows are the same measurement when their config_key is; a CSV without keys falls back to the
+    identity columns it has (plus `qualifiers`, the settings of an analysis such as its features).
+    """
+    if "config_key" in df.columns and df["config_key"].notna().all():
+        keys = ["config_key"]
+    else:
+        keys = [k for k in (*IDENTITY_COLUMNS, *qualifiers) if k in df.columns]
+    if not keys:
+        return df.reset_index(drop=True)
+    return df.drop_duplicates(subset=keys, keep="last").reset_index(drop=True)
+
+
 def config_key(d: dict[str, Any]) -> str:
     """Short stable hash of a configuration, for skipping rows that are already in a CSV."""
     canonical = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)

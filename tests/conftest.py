@@ -20,14 +20,65 @@ SHARED = REPO.parent / "shared"
 SUBSET_SIZE = 64
 
 
+TRUE = {"1", "true", "yes", "on"}
+
+
+def in_ci() -> bool:
+    """CI set to any true value (1, true, yes, on; any case): missing shared files fail, never skip."""
+    return os.environ.get("CI", "").strip().lower() in TRUE
+
+
 def _need(env: str, default: Path) -> Path:
     path = Path(os.environ.get(env) or default)
     if not path.exists():
         reason = f"{path} not found: put shared/ beside the repo or set {env}"
-        if os.environ.get("CI", "").lower() == "true":
+        if in_ci():
             pytest.fail(reason)
         pytest.skip(reason)
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fvcore_counted_once() -> object:
+    """Commands count GMACs with fvcore for every configuration; the count depends only on the
+    architecture, the reducer and the input shape, so within the test session each is traced once.
+    (tests/test_flops.py calls fvcore directly and is not affected.)"""
+    from ipbench.runs import cost
+
+    real = cost.count_gmacs
+    memo: dict[tuple, object] = {}
+
+    def counted_once(model: nn.Module, images: torch.Tensor) -> object:
+        eng = getattr(model, "_ipb", None)
+        key = (type(model).__qualname__, getattr(model, "pretrained_cfg", {}).get("architecture"),
+               tuple(model.state_dict()), eng.policy.spec if eng is not None else "none", tuple(images.shape),
+               images.dtype)
+        if key not in memo:
+            memo[key] = real(model, images)
+        return memo[key]
+
+    cost.count_gmacs = counted_once
+    yield
+    cost.count_gmacs = real
+
+
+@pytest.fixture(autouse=True)
+def _isolated() -> object:
+    """No test leaves the environment, the hub client's offline switch or torch's thread count changed
+    (ipbench switches the hub offline and --threads sets torch's threads: both are process-wide)."""
+    import sys
+
+    env = dict(os.environ)
+    threads = torch.get_num_threads()
+    constants = sys.modules.get("huggingface_hub.constants")
+    offline = getattr(constants, "HF_HUB_OFFLINE", None)
+    yield
+    os.environ.clear()
+    os.environ.update(env)
+    torch.set_num_threads(threads)
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None and offline is not None:
+        constants.HF_HUB_OFFLINE = offline
 
 
 @pytest.fixture(scope="session")

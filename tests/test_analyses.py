@@ -193,6 +193,23 @@ def test_a_merge_of_identical_tokens_has_similarity_one(setup: Any) -> None:
     assert {r["config_key"] for r in rows} == set(sim.row_keys())
 
 
+def test_similarity_reads_the_metric_and_the_hidden_states_apart(setup: Any) -> None:
+    torch.manual_seed(1)
+    x, metric = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    x[:, 4], x[:, 5] = 3 * x[:, 2], x[:, 1]  # the pairs point the same way in the hidden states...
+    metric[:, 4], metric[:, 5] = -metric[:, 2], -2 * metric[:, 1]  # ...and opposite ways on the metric
+    st = TokenState(x, 1, (1, 5), want_pos=False, tracing=True, prop_attn=True)
+    st.layer = 0
+    plan = MergePlan(keep=torch.tensor([[0, 1, 2, 3]] * 2), src=torch.tensor([[4, 5]] * 2),
+                     dst=torch.tensor([[2, 1]] * 2))
+    record_merge(st, "hand", plan, metric=metric, x=x, cls_attn=torch.full((2, 6), 1 / 6))
+    sim = Similarity(setup, parse_spec("tome"))
+    assert sim.skip_reason(st.trace) is None
+    sim.add(Forward(start=0, logits=torch.zeros(2, 1000), labels=torch.zeros(2, dtype=torch.long), trace=st.trace))
+    cos = {(r["layer"], r["features"]): r["mean_cos"] for r in sim.rows(config(setup.net, "tome"))}
+    assert cos == {(0, "metric"): -1.0, ("all", "metric"): -1.0, (0, "hidden"): 1.0, ("all", "hidden"): 1.0}
+
+
 def test_random_choice_share_equals_p() -> None:
     torch.manual_seed(0)
     bsz, n, r = 128, 197, 40

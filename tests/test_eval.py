@@ -126,6 +126,22 @@ def test_eval_with_a_reducer_records_its_token_plan(checkpoint_path: Path, tmp_p
     tokens = [int(t) for t in row["tokens_per_layer"].split()]
     assert row["reducer"].startswith("tome:") and len(tokens) == 12
     assert tokens == sorted(tokens, reverse=True) and tokens[-1] < 197 and row["final_tokens"] == str(tokens[-1])
+    assert tokens == TOME_R13  # 197 tokens, 13 merged in every block
+
+
+TOME_R13 = [184, 171, 158, 145, 132, 119, 106, 93, 80, 67, 54, 41]  # ToMe r=13 on a 224 px /16 DeiT (README)
+
+
+def test_eval_token_counts_of_tome_r13_on_deit_s(tmp_path: Path) -> None:
+    """The README's DeiT-S counts (184 … 41); token counts do not depend on the weights."""
+    args = ["eval", "--model", "deit_s", "--weights", "random", "--data", "synthetic", "--limit", "2",
+            "--reducer", "tome:r=13", "--out", str(tmp_path)]
+    result = runner.invoke(app, args, env={"IPBENCH_CHECKPOINT": None, "IPBENCH_DATA": None})
+    assert result.exit_code == 0, result.output
+    with (tmp_path / "eval.csv").open(newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["model"] == "deit_small_patch16_224" and row["weights"] == "random"
+    assert [int(t) for t in row["tokens_per_layer"].split()] == TOME_R13 and row["final_tokens"] == "41"
 
 
 @pytest.mark.slow

@@ -71,7 +71,7 @@ def test_sdpa_handle_counts_qk_and_av(image, vit):
     assert result.gmacs - sdpa == pytest.approx(4.25, abs=0.01)
 
 
-@pytest.mark.parametrize("spec", [None, "tome:r=13"])
+@pytest.mark.parametrize("spec", [None, "tome:r=13", "evit:keep=0.7", "imagepiece", "mstm"])
 def test_fused_and_unfused_attention_count_the_same(image, vit, spec):
     fused = count_gmacs(vit("deit_tiny_patch16_224", spec), image)
     unfused = count_gmacs(vit("deit_tiny_patch16_224", spec, fused=False), image)

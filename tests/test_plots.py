@@ -155,7 +155,7 @@ def test_plot_skips_missing_and_broken_csvs_with_a_note(tmp_path: Path) -> None:
     write_csv(folder / "notes.csv", [{"a": 1}])  # not ours
     (folder / "importance.csv").write_text("reducer_spec,layer,top_p,share\n")  # header only
     write_sweep(folder, "flops.csv")
-    out = runner.invoke(app, ["plot", str(folder)])
+    out = runner.invoke(app, ["plot", str(folder), "--format", "png"])
     assert out.exit_code == 0, out.output
     text = " ".join(out.output.split())
     assert "similarity.csv: empty file" in text
@@ -180,7 +180,7 @@ def test_runs_of_different_models_get_their_own_figures(tmp_path: Path) -> None:
     rows = (tmp_path / "sweep.csv").read_text().splitlines()
     extra = [r.replace("deit_tiny_patch16_224", "deit_small_patch16_224").replace(",k", ",s", 1) for r in rows[1:]]
     (tmp_path / "sweep.csv").write_text("\n".join(rows + extra) + "\n")
-    res = plot_folder(tmp_path)
+    res = plot_folder(tmp_path, formats=("png",))
     names = sorted(p.name for p in res.figures["sweep.csv"])
     assert any("deit_small" in n for n in names) and any("deit_tiny" in n for n in names)
 
@@ -208,7 +208,7 @@ def test_plot_on_a_real_eval_run(tmp_path: Path, small_folder: Path, checkpoint_
         r = runner.invoke(app, ["eval", "--checkpoint", str(checkpoint_path), "--data", str(small_folder),
                                 "--reducer", reducer, "--workers", "0", "--out", str(out)], env=clean_env)
         assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["plot", str(out)])
+    r = runner.invoke(app, ["plot", str(out), "--format", "png"])
     assert r.exit_code == 0, r.output
     assert _png_ok(out / "plots" / "eval_top1.png") and _png_ok(out / "plots" / "eval_tokens_per_layer.png")
     report = (out / "REPORT.md").read_text()
@@ -220,3 +220,9 @@ def test_report_command_writes_only_the_report(results: Path) -> None:
     assert out.exit_code == 0, out.output
     assert (results / "REPORT.md").exists() and not (results / "plots").exists()
     assert "ipbench plot" in (results / "REPORT.md").read_text()  # says how to get the figures
+
+
+def test_plot_formats_are_checked(results: Path) -> None:
+    bad = runner.invoke(app, ["plot", str(results), "--format", "png,gif"])
+    assert bad.exit_code == 2 and "valid formats are png, svg, pdf" in bad.stderr
+    assert not (results / "plots").exists()

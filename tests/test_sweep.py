@@ -303,12 +303,23 @@ def test_interrupted_sweep_resumes_and_measures_each_configuration_once(
 
 
 def test_streamed_data_gives_the_same_rows(checkpoint_path: Path, data_path: Path, tmp_path: Path,
-                                           clean_env: dict) -> None:
-    args = ("--limit", "6", "--reducers", "evit", "--keep-rates", "0.5", "--no-speed", "--batch-size", "4")
+                                           clean_env: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    passes: list[int] = []
+    real_run_jobs = sw.run_jobs
+
+    def counted(ctx: Any, batches: Any, jobs: list, *a: Any, **kw: Any) -> Any:
+        passes.append(len(jobs))
+        return real_run_jobs(ctx, batches, jobs, *a, **kw)
+
+    monkeypatch.setattr(sw, "run_jobs", counted)
+    # 8 images at 224 px are 1.2 MB: over --max-decoded-mib 1, so the second run streams them
+    args = ("--limit", "8", "--reducers", "evit", "--keep-rates", "0.5", "--no-speed", "--batch-size", "4")
     assert sweep(checkpoint_path, str(data_path), tmp_path / "mem", *args, env=clean_env).exit_code == 0
+    assert passes == [1, 1]  # in memory: one pass per configuration
     streamed = sweep(checkpoint_path, str(data_path), tmp_path / "stream", *args, "--max-decoded-mib", "1",
                      env=clean_env)
     assert streamed.exit_code == 0, streamed.output
+    assert passes == [1, 1, 2]  # streamed: one pass, both configurations on each batch
     mem, stream = read_csv(tmp_path / "mem" / "sweep.csv")[1], read_csv(tmp_path / "stream" / "sweep.csv")[1]
     assert [(r["correct1"], r["correct5"], r["gmacs"]) for r in mem] == [
         (r["correct1"], r["correct5"], r["gmacs"]) for r in stream]
@@ -348,3 +359,16 @@ def test_reducers_command_lists_every_reducer_and_parameter() -> None:
     table = runner.invoke(app, ["reducers", "--name", "tome"], env={"COLUMNS": "200"})
     assert table.exit_code == 0 and "prop_attn" in table.stdout and "evit" not in table.stdout
     assert_user_error(runner.invoke(app, ["reducers", "--name", "nope"]), "unknown reducer 'nope'")
+
+
+def test_match_gmacs_takes_several_budgets(checkpoint_path: Path, data_path: Path, tmp_path: Path,
+                                           clean_env: dict) -> None:
+    result = sweep(checkpoint_path, str(data_path), tmp_path, "--limit", "2", "--reducers", "tome,evit",
+                   "--match-gmacs", "0.9,0.75", "--no-speed", "--batch-size", "2", env=clean_env)
+    assert result.exit_code == 0, result.output
+    _, rows = read_csv(tmp_path / "sweep.csv")
+    assert [(r["reducer"], r["gmacs_budget"]) for r in rows] == [
+        ("none", ""), ("tome", "0.9"), ("evit", "0.9"), ("tome", "0.75"), ("evit", "0.75")]
+    for r in rows[1:]:
+        assert abs(float(r["gmacs_analytic"]) - float(r["gmacs_budget"])) <= 0.02 * float(r["gmacs_budget"])
+    assert "@ 0.9 GMACs" in result.stderr and "@ 0.75 GMACs" in result.stderr

@@ -14,6 +14,7 @@ from ipbench.errors import UserError
 if TYPE_CHECKING:
     from ipbench.runs.context import RunSpec
 
+FIGURE_FORMATS = ("png", "svg", "pdf")
 ResultsArg = Annotated[Path, typer.Argument(
     help="Folder holding the result CSVs (sweep.csv, eval.csv, robustness.csv, ...).")]
 
@@ -33,6 +34,9 @@ def plot_cmd(
     folder: ResultsArg = Path("results"),
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Folder for the figures (default: FOLDER/plots).")] = None,
+    formats: Annotated[str, typer.Option(
+        "--format", help="Figure formats, comma separated: png (always written: REPORT.md shows it), svg, pdf.")]
+    = "png,svg",
 ) -> None:
     """Figures (PNG + SVG) and FOLDER/REPORT.md from every ipbench CSV in a folder.
 
@@ -41,10 +45,14 @@ def plot_cmd(
     from ipbench.plots import plot_folder, write_report
     from ipbench.results import prepare_out
 
+    chosen = tuple(dict.fromkeys(f.strip().lower() for f in formats.split(",") if f.strip()))
+    bad = [f for f in chosen if f not in FIGURE_FORMATS]
+    if bad or not chosen:
+        raise UserError(f"--format {formats!r}: valid formats are {', '.join(FIGURE_FORMATS)}")
     results_folder(folder)
     if out is not None:
         prepare_out(out)
-    done = plot_folder(folder, out)
+    done = plot_folder(folder, out, chosen)
     for name, pngs in done.figures.items():
         for png in pngs:
             typer.echo(f"{name}: {png}")
@@ -85,9 +93,11 @@ def visualize_cmd(
     """
     from ipbench.plots.tokens import png_path, save_groups
     from ipbench.reducers import parse_spec
+    from ipbench.results import prepare_out
     from ipbench.runs.visualize import token_groups
 
     policy = parse_spec(reducer)  # bad input fails before the model loads
     png = png_path(out, image)
+    prepare_out(png.parent)
     groups = token_groups(run, image, policy, layer)
     typer.echo(f"figure: {save_groups(groups.image, groups.layouts, groups.patch, groups.title, png)}")

@@ -51,16 +51,23 @@ def _lacking(df: pd.DataFrame, name: str, needed: list[str]) -> list[str]:
     return missing(df, *needed)
 
 
-def save(fig: Figure, out: Path, stem: str) -> Path:
-    """Write `stem`.png (150 dpi) and `stem`.svg into `out`; returns the PNG path."""
+FORMATS = ("png", "svg")  # PNG for REPORT.md and a quick look, SVG for papers
+
+
+def save(fig: Figure, out: Path, stem: str, formats: tuple[str, ...] = FORMATS) -> Path:
+    """Write `stem`.png (150 dpi, always: REPORT.md shows it) and the other `formats` into `out`;
+    returns the PNG path."""
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"{stem}.png"
     fig.savefig(png, dpi=150)
-    fig.savefig(out / f"{stem}.svg")
+    for fmt in formats:
+        if fmt != "png":
+            fig.savefig(out / f"{stem}.{fmt}")
     return png
 
 
-def plot_folder(folder: str | os.PathLike, out: str | os.PathLike | None = None) -> PlotOutput:
+def plot_folder(folder: str | os.PathLike, out: str | os.PathLike | None = None,
+                formats: tuple[str, ...] = FORMATS) -> PlotOutput:
     """Every figure the CSVs of `folder` allow, written to `out` (default `folder`/plots)."""
     import matplotlib
 
@@ -88,6 +95,6 @@ def plot_folder(folder: str | os.PathLike, out: str | os.PathLike | None = None)
                 if fig is None:
                     result.notes.append(f"{table.path.name}{suffix}: nothing to draw for '{what}'")
                     continue
-                pngs.append(save(fig, out_dir, f"{table.path.stem}_{name}{suffix}"))
+                pngs.append(save(fig, out_dir, f"{table.path.stem}_{name}{suffix}", formats))
         result.figures[table.path.name] = pngs
     return result

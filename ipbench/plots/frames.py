@@ -90,7 +90,7 @@ def read_folder(folder: str | os.PathLike) -> tuple[list[ResultTable], list[str]
     """Every ipbench CSV of `folder` (sorted by kind, then name) and notes on the files skipped."""
     import pandas as pd
 
-    from ipbench.results import read_rows
+    from ipbench.results import latest, read_rows
 
     tables: list[ResultTable] = []
     notes: list[str] = []
@@ -110,26 +110,9 @@ def read_folder(folder: str | os.PathLike) -> tuple[list[ResultTable], list[str]
         if df.empty:
             notes.append(f"{path.name}: no rows yet, skipped")
             continue
-        tables.append(ResultTable(kind, path, dedup(df, kind)))
+        tables.append(ResultTable(kind, path, latest(df, QUALIFIERS.get(kind, ()))))
     tables.sort(key=lambda t: (KINDS.index(t.kind), t.path.name))
     return tables, notes
-
-
-def dedup(df: pd.DataFrame, kind: str) -> pd.DataFrame:
-    """Keep the last row of each measurement (a re-run with --force appends a newer row)."""
-    if kind in SWEEP_KINDS or kind == "eval":
-        keys = ["config_key"] if "config_key" in df.columns else []
-    else:
-        extra = {"robustness": ["mask_count", "mask_fraction", "placement", "fill", "seed"],
-                 "similarity": ["layer", *QUALIFIERS["similarity"]], "importance": ["layer", "top_p",
-                                                                                  *QUALIFIERS["importance"]],
-                 "attentiveness": ["layer", *QUALIFIERS["attentiveness"]],
-                 "coherence": ["locality", "retok", "stem"]}[kind]
-        keys = ["model", "data", "num_images", "reducer_spec", *extra]
-    keys = [k for k in keys if k in df.columns]
-    if not keys:
-        return df.reset_index(drop=True)
-    return df.drop_duplicates(subset=keys, keep="last").reset_index(drop=True)
 
 
 def numeric(df: pd.DataFrame, column: str) -> pd.Series:
