@@ -131,7 +131,8 @@ MUTANTS: list[Mutant] = [
     M("ipbench/runs/context.py", "return x.to(resolve_dtype(self.spec.model_dtype))", "return x",
       ("tests/test_floor.py",), "inputs not cast to --model-dtype"),
     M("ipbench/runs/sweep.py", 'correct1=res.correct1 if res.total else ""',
-      'correct1=res.correct5 if res.total else ""', ("tests/test_sweep.py", REF), "the sweep writes correct@5 as correct@1"),
+      'correct1=res.correct5 if res.total else ""', ("tests/test_sweep.py", REF),
+      "the sweep writes correct@5 as correct@1"),
 ]
 
 
