@@ -6,8 +6,11 @@ missing file must fail the run rather than silently test less.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,23 +65,30 @@ def _fvcore_counted_once() -> object:
     cost.count_gmacs = real
 
 
-@pytest.fixture(autouse=True)
-def _isolated() -> object:
-    """No test leaves the environment, the hub client's offline switch or torch's thread count changed
-    (ipbench switches the hub offline and --threads sets torch's threads: both are process-wide)."""
-    import sys
-
+@contextlib.contextmanager
+def isolated() -> Iterator[None]:
+    """Undo what ipbench changes process-wide: the environment (it switches the hub client offline),
+    the hub client's own offline switch, and torch's thread count (--threads)."""
     env = dict(os.environ)
     threads = torch.get_num_threads()
     constants = sys.modules.get("huggingface_hub.constants")
     offline = getattr(constants, "HF_HUB_OFFLINE", None)
-    yield
-    os.environ.clear()
-    os.environ.update(env)
-    torch.set_num_threads(threads)
-    constants = sys.modules.get("huggingface_hub.constants")
-    if constants is not None and offline is not None:
-        constants.HF_HUB_OFFLINE = offline
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+        torch.set_num_threads(threads)
+        constants = sys.modules.get("huggingface_hub.constants")
+        if constants is not None and offline is not None:
+            constants.HF_HUB_OFFLINE = offline
+
+
+@pytest.fixture(autouse=True)
+def _isolated() -> Iterator[None]:
+    """No test leaves the environment, the hub client's offline switch or torch's threads changed."""
+    with isolated():
+        yield
 
 
 @pytest.fixture(scope="session")

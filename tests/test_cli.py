@@ -11,6 +11,7 @@ import pytest
 import torch
 import typer
 from click.testing import Result
+from helpers import assert_user_error
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -23,12 +24,6 @@ def invoke(args: list[str], env: dict[str, str | None]) -> Result:
     return runner.invoke(app, args, env=env)
 
 
-def assert_user_error(result: Result, message: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert message in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 def test_help_describes_every_option() -> None:

@@ -336,3 +336,4 @@ def test_accuracy_on_the_shared_images_matches_the_prototype(real_model, data_pa
         remove_reducer(real_model)
     assert len(labels) == 1000
     assert abs(100 * correct / len(labels) - 79.2) <= 1.5
+    assert correct == 791  # exactly the pinned count (tests/reference/full1000.json), by a loop of its own

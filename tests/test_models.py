@@ -104,3 +104,25 @@ def test_plain_model_reports_all_tokens_in_every_block(deit_tiny: torch.nn.Modul
     info = config(deit_tiny, "none").fields()
     assert info["reducer"] == "none" and info["reducer_params"] == "{}" and info["training_free"]
     assert info["tokens_per_layer"] == " ".join(["197"] * 12) and info["final_tokens"] == 197
+
+
+@pytest.mark.parametrize(("value", "strict"), [("1", True), ("true", True), ("yes", True), ("TRUE", True),
+                                               ("on", True), ("0", False), ("", False), ("false", False)])
+def test_ci_set_to_any_true_value_makes_missing_shared_files_fail(monkeypatch: pytest.MonkeyPatch, value: str,
+                                                                  strict: bool) -> None:
+    from conftest import in_ci
+
+    monkeypatch.setenv("CI", value)
+    assert in_ci() is strict
+
+
+def test_the_isolation_restores_the_environment_and_torch_threads() -> None:
+    """What every test runs inside (conftest's autouse fixture): ipbench's process-wide changes undone."""
+    from conftest import isolated
+
+    env, threads = dict(os.environ), torch.get_num_threads()
+    with isolated():
+        os.environ["HF_HUB_OFFLINE"] = "changed-by-a-test"
+        os.environ["IPBENCH_SOMETHING"] = "1"
+        torch.set_num_threads(1 if threads != 1 else 2)
+    assert dict(os.environ) == env and torch.get_num_threads() == threads

@@ -13,6 +13,7 @@ import pytest
 import timm
 import torch
 from click.testing import Result
+from helpers import assert_user_error
 from typer.testing import CliRunner
 
 from ipbench import results
@@ -71,12 +72,6 @@ def sweep(checkpoint: Path, data: str, out: Path, *extra: str, env: dict[str, st
     return runner.invoke(app, args, env=env)
 
 
-def assert_user_error(result: Result, message: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert message in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 # -- option parsing and configurations (no image runs) -----------------------------------------

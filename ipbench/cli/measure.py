@@ -22,6 +22,7 @@ from ipbench.cli.options import (
 from ipbench.errors import UserError
 
 if TYPE_CHECKING:
+    from ipbench.measure.throughput import SpeedProtocol
     from ipbench.runs.context import RunSpec
 
 ReducerOpt = Annotated[str, typer.Option(
@@ -39,7 +40,8 @@ SpeedGroupOpt = Annotated[int, typer.Option(
          "groups pair every reducer with a baseline timing close in time. 0 = all in one group.")]
 
 
-def _protocol(batch_size: int, repeats: int, min_seconds: float, warmup: int, compile_: bool, group: int):  # noqa: ANN202
+def _protocol(batch_size: int, repeats: int, min_seconds: float, warmup: int, compile_: bool,
+              group: int) -> SpeedProtocol:
     from ipbench.measure.throughput import SpeedProtocol
 
     return SpeedProtocol(batch_size=batch_size, repeats=repeats, min_seconds=min_seconds, warmup=warmup,
