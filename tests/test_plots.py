@@ -226,3 +226,20 @@ def test_plot_formats_are_checked(results: Path) -> None:
     bad = runner.invoke(app, ["plot", str(results), "--format", "png,gif"])
     assert bad.exit_code == 2 and "valid formats are png, svg, pdf" in bad.stderr
     assert not (results / "plots").exists()
+
+
+def test_a_forced_rerun_shows_its_newest_row(tmp_path: Path) -> None:
+    """--force appends a second row of the same config_key: tables and figures take the newest."""
+    from ipbench.results import latest, read_rows
+
+    path = write_sweep(tmp_path)
+    rows = path.read_text().splitlines()
+    newer = rows[2].replace(",79.9,", ",12.5,")  # evit:keep=0.7 measured again
+    assert newer != rows[2]
+    path.write_text("\n".join([*rows, newer]) + "\n")
+    frame = latest(read_rows(path))
+    assert len(frame) == len(SWEEP) and list(frame["top1"])[-1] == 12.5
+    report = runner.invoke(app, ["report", str(tmp_path)])
+    assert report.exit_code == 0, report.output
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "12.50" in text and "79.90" not in text

@@ -367,3 +367,21 @@ def test_match_gmacs_takes_several_budgets(checkpoint_path: Path, data_path: Pat
     for r in rows[1:]:
         assert abs(float(r["gmacs_analytic"]) - float(r["gmacs_budget"])) <= 0.02 * float(r["gmacs_budget"])
     assert "@ 0.9 GMACs" in result.stderr and "@ 0.75 GMACs" in result.stderr
+
+
+def test_a_keep_rate_tie_between_two_r_takes_the_smaller() -> None:
+    """Two r equally close to the reference's GMACs: the smaller r (less merging) is taken."""
+    tome = parse_spec("tome")
+
+    class Costs2:
+        depth, n_patches = 12, 196
+
+        def gmacs(self, policy: Any) -> float:
+            if policy.name == "evit":
+                return 5.0  # the reference at this keep rate
+            return {3: 5.5, 4: 4.5}.get(policy.params["r"][0], 100.0)
+
+        def plan(self, policy: Any) -> Any:
+            raise AssertionError("not needed")
+
+    assert tome.free_knob().at_keep(tome, 0.7, Costs2()).params["r"] == [3]
