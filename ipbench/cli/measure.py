@@ -9,7 +9,6 @@ import typer
 
 from ipbench.cli.app import app, handle_errors
 from ipbench.cli.options import (
-    BatchOpt,
     ForceOpt,
     OutOpt,
     ReducersOpt,
@@ -190,11 +189,10 @@ def flops_cmd(
 
 @app.command("speed")
 @handle_errors
-@run_options(exclude=("limit", "skip_bad", "batch_size", "workers"))
+@run_options(exclude=("limit", "skip_bad", "workers"))
 def speed_cmd(
     run: RunSpec,
     reducers: ReducersOpt = None,
-    batch_size: BatchOpt = 32,
     repeats: RepeatsOpt = 5,
     min_seconds: MinSecondsOpt = 2.0,
     warmup: WarmupOpt = 2,
@@ -207,14 +205,12 @@ def speed_cmd(
     img/s median [min–max] over the rounds, and the speed-up as the median of per-round paired
     ratios against the baseline. Appends one row per model to OUT/speed.csv.
     """
-    import dataclasses
-
     from ipbench.cli.display import Display, rows_table, wide_console
     from ipbench.runs.context import check_spec
     from ipbench.runs.cost import run_speed
 
-    run = dataclasses.replace(run, batch_size=batch_size)
     check_spec(run)
+    batch_size = run.batch_size  # the timed batch
     protocol = _protocol(batch_size, repeats, min_seconds, warmup, compile_, speed_group)
     with Display(None, "speed") as d:
         outcome = run_speed(run, policies(reducers, "none"), protocol, out, d)
