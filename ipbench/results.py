@@ -261,6 +261,21 @@ def append_row(path: str | os.PathLike, row: dict[str, Any], columns: list[str])
         os.fsync(f.fileno())
 
 
+def prepare_csv(out: str | os.PathLike, command: str, columns: list[str]) -> Path:
+    """OUT/<command>.csv, once the folder is known to be writable and an existing file to have these
+    columns: both checked before anything is measured."""
+    path = prepare_out(out) / f"{command}.csv"
+    check_header(path, columns)
+    return path
+
+
+def cell(value: float | None, digits: int) -> Any:
+    """A number for a CSV cell: rounded, or empty where there is none (None or nan)."""
+    if value is None or value != value:
+        return ""
+    return round(float(value), digits)
+
+
 def read_rows(path: str | os.PathLike) -> pd.DataFrame:
     """All rows of a result CSV (an empty frame when the file does not exist yet)."""
     import pandas as pd

@@ -19,13 +19,13 @@ ResultsArg = Annotated[Path, typer.Argument(
     help="Folder holding the result CSVs (sweep.csv, eval.csv, robustness.csv, ...).")]
 
 
-def results_folder(folder: Path, writing: bool = True) -> Path:
-    """A folder of result CSVs; one that figures and REPORT.md will be written into must be writable."""
+def results_folder(folder: Path) -> Path:
+    """A folder of result CSVs that figures and REPORT.md will be written into (so it must be writable)."""
     from ipbench.results import prepare_out
 
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder (give the folder the result CSVs were written to)")
-    return prepare_out(folder, "folder") if writing else folder
+    return prepare_out(folder, "folder")
 
 
 @app.command("plot")

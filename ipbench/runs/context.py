@@ -10,6 +10,7 @@ knows what it already has.
 from __future__ import annotations
 
 import contextlib
+import functools
 import platform
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -75,6 +76,7 @@ def check_spec(spec: RunSpec) -> None:
         raise UserError(f"--batch-size must be at least 1, got {spec.batch_size}")
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

@@ -49,12 +49,6 @@ def measured_gmacs(model: nn.Module, images: Tensor, label: str, analytic: float
     return fv.gmacs, fv.counter
 
 
-def flops_disagree(row: dict[str, Any]) -> bool:
-    """Whether fvcore and the analytic count of a row differ by more than 1 %."""
-    fv, an = float(row["gmacs"]), float(row["gmacs_analytic"])
-    return abs(fv - an) > FLOPS_AGREEMENT * an
-
-
 def fixed_batch(images: Tensor, batch_size: int) -> Tensor:
     """`batch_size` images: the first ones, repeated in order when the data has fewer."""
     if len(images) >= batch_size:
@@ -102,8 +96,7 @@ def run_flops(spec: RunSpec, policies: list[Policy], images: int, out: Path,
               progress: Progress | None = None) -> CostOutcome:
     """GMACs per image (fvcore + SDPA handle, on real images) and the analytic count, per reducer."""
     progress = progress or Silent()
-    csv_path = results.prepare_out(out) / "flops.csv"
-    results.check_header(csv_path, results.SWEEP_COLUMNS)
+    csv_path = results.prepare_csv(out, "flops", results.SWEEP_COLUMNS)
     ctx = open_run(spec, source_limit=images)
     configs = _configs(ctx, policies)
     variants = Variants(ctx.net)
@@ -133,8 +126,7 @@ def run_speed(spec: RunSpec, policies: list[Policy], protocol: SpeedProtocol, ou
               progress: Progress | None = None) -> CostOutcome:
     """Interleaved throughput of the baseline and every reducer on one fixed batch of real images."""
     progress = progress or Silent()
-    csv_path = results.prepare_out(out) / "speed.csv"
-    results.check_header(csv_path, results.SWEEP_COLUMNS)
+    csv_path = results.prepare_csv(out, "speed", results.SWEEP_COLUMNS)
     ctx = open_run(spec, source_limit=protocol.batch_size)
     configs = _configs(ctx, policies)
     variants = Variants(ctx.net)

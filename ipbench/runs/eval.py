@@ -36,8 +36,7 @@ class EvalOutcome:
 def run_eval(spec: RunSpec, reducer: Policy, out: Path, progress: Progress | None = None) -> EvalOutcome:
     """Evaluate `reducer` on the spec's model and data; append one row to OUT/eval.csv."""
     progress = progress or Silent()
-    csv_path = results.prepare_out(out) / "eval.csv"
-    results.check_header(csv_path, results.EVAL_COLUMNS)
+    csv_path = results.prepare_csv(out, "eval", results.EVAL_COLUMNS)
     ctx = open_run(spec)
     cfg = config(ctx.net, reducer)
     acc = Accuracy()
@@ -59,8 +58,8 @@ def run_eval(spec: RunSpec, reducer: Policy, out: Path, progress: Progress | Non
         "training_free": fields["training_free"],
         "tokens_per_layer": fields["tokens_per_layer"],
         "final_tokens": fields["final_tokens"],
-        "top1": "" if res.top1 is None else round(res.top1, 3),
-        "top5": "" if res.top5 is None else round(res.top5, 3),
+        "top1": results.cell(res.top1, 3),
+        "top5": results.cell(res.top5, 3),
         "correct1": res.correct1,
         "correct5": res.correct5,
     }

@@ -67,10 +67,6 @@ class SweepReport:
     skipped_images: list[str] = field(default_factory=list)
 
 
-def _round(value: float | None, digits: int) -> Any:
-    return "" if value is None else round(value, digits)
-
-
 def _notes(configs: list[Config]) -> list[str]:
     """What the reducers ask to be said beside their numbers (training-free, re-implemented)."""
     parts = {p.name: type(p).note for c in configs for p in c.policy.parts}
@@ -80,8 +76,7 @@ def _notes(configs: list[Config]) -> list[str]:
 def run_sweep(spec: RunSpec, req: SweepRequest, out: Path, progress: Progress | None = None) -> SweepReport:
     """Measure every configuration not yet in ``out/sweep.csv`` and append its row."""
     progress = progress or Silent()
-    csv_path = results.prepare_out(out) / "sweep.csv"
-    results.check_header(csv_path, results.SWEEP_COLUMNS)
+    csv_path = results.prepare_csv(out, "sweep", results.SWEEP_COLUMNS)
     ctx = open_run(spec)
     if not is_vit(ctx.net):
         raise UserError(f"{ctx.model} is a {type(ctx.net).__name__}, not a timm VisionTransformer: the sweep compares "
@@ -152,13 +147,13 @@ def _measure(ctx: RunContext, req: SweepRequest, baseline: Config, pending: list
             row = {
                 **ctx.row_fields(), "config_key": c.key, **c.fields(),
                 "num_images": res.images if res is not None else "",
-                "keep_rate": _round(c.keep_rate, 6), "gmacs_budget": _round(c.gmacs_budget, 6),
+                "keep_rate": results.cell(c.keep_rate, 6), "gmacs_budget": results.cell(c.gmacs_budget, 6),
                 "gmacs": round(gmacs[spec], 4), "gmacs_analytic": round(c.gmacs, 4) if c.gmacs is not None else "",
                 "flop_counter": counters[spec], "gmacs_ratio": round(gmacs[BASELINE] / gmacs[spec], 4),
                 **speed_fields(speeds.get(spec), req.speed),
             }
             if res is not None:
-                row.update(top1=_round(res.top1, 3), top5=_round(res.top5, 3),
+                row.update(top1=results.cell(res.top1, 3), top5=results.cell(res.top5, 3),
                            correct1=res.correct1 if res.total else "", correct5=res.correct5 if res.total else "")
             results.append_row(csv_path, row, results.SWEEP_COLUMNS)
             top1 = "" if res is None or res.top1 is None else f", top-1 {res.top1:.1f}"

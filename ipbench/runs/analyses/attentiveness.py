@@ -16,7 +16,7 @@ from typing import Any
 from ipbench.errors import UserError
 from ipbench.reducers import KEEP_RATE, Policy, parse_spec
 from ipbench.reducers.trace import Share, Trace, entries, inattentive_to_attentive
-from ipbench.results import ATTENTIVENESS_COLUMNS
+from ipbench.results import ATTENTIVENESS_COLUMNS, cell
 from ipbench.runs.analyses import common
 from ipbench.runs.context import RunSpec
 from ipbench.runs.loop import Forward
@@ -73,7 +73,7 @@ class Attentiveness(common.Analysis):
         return [{
             **self.run.row_fields(cfg, self._key(layer)),
             "layer": layer, "attentive_rate": self.rate, "population": self.population,
-            "share_became_attentive": common.rounded(self.shares.get(layer, Share()).value, 5),
+            "share_became_attentive": cell(self.shares.get(layer, Share()).value, 5),
             "n_became_attentive": self.shares.get(layer, Share()).hits,
             "n_inattentive": self.shares.get(layer, Share()).total,
         } for layer in [*layers, "all"]]

@@ -23,7 +23,7 @@ from ipbench.measure.accuracy import Result
 from ipbench.reducers import Policy, set_tracing
 from ipbench.reducers.imagepiece import checkpoint_has_conv_stem, load_conv_stem_checkpoint
 from ipbench.reducers.trace import merged_pair_similarity
-from ipbench.results import COHERENCE_COLUMNS, append_row
+from ipbench.results import COHERENCE_COLUMNS, append_row, cell
 from ipbench.runs.analyses import common
 from ipbench.runs.analyses.similarity import Moments, merge_op
 from ipbench.runs.context import RunSpec
@@ -168,14 +168,14 @@ def run(spec: RunSpec, out: Path, bases: list[Policy], localities: list[float], 
         row = {
             **su.row_fields(cfg, key),
             "locality": p["locality"], "retok": p["retok"], "stem": p["stem"],
-            "top1": common.rounded(m.res.top1, 3), "top5": common.rounded(m.res.top5, 3),
+            "top1": cell(m.res.top1, 3), "top5": cell(m.res.top5, 3),
             "correct1": m.res.correct1 if m.res.total else "", "correct5": m.res.correct5 if m.res.total else "",
-            "gmacs": common.rounded(gmacs if gmacs != "" else None, 4),
-            "gmacs_analytic": common.rounded(cfg.gmacs, 4), "flop_counter": counter,
-            "sim_metric": common.rounded(m.sims["metric"].mean, 5),
-            "sim_hidden": common.rounded(m.sims["x"].mean, 5),
-            "sim_metric_first": common.rounded(m.first_sims["metric"].mean, 5),
-            "sim_hidden_first": common.rounded(m.first_sims["x"].mean, 5),
+            "gmacs": cell(gmacs if gmacs != "" else None, 4),
+            "gmacs_analytic": cell(cfg.gmacs, 4), "flop_counter": counter,
+            "sim_metric": cell(m.sims["metric"].mean, 5),
+            "sim_hidden": cell(m.sims["x"].mean, 5),
+            "sim_metric_first": cell(m.first_sims["metric"].mean, 5),
+            "sim_hidden_first": cell(m.first_sims["x"].mean, 5),
             "n_pairs": m.sims["metric"].n,
         }
         append_row(csv_path, row, COHERENCE_COLUMNS)

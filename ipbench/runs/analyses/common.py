@@ -77,13 +77,6 @@ def load(spec: RunSpec, what: str, progress: Progress | None = None) -> Analysis
     return AnalysisRun(ctx=ctx, images=images, labels=labels, progress=progress)
 
 
-def rounded(value: float | None, digits: int) -> Any:
-    """A number for a CSV cell: rounded, or empty when not available (nan/None)."""
-    if value is None or value != value:
-        return ""
-    return round(float(value), digits)
-
-
 def parse_floats(text: str, option: str) -> list[float]:
     """``0,0.5,1`` → [0.0, 0.5, 1.0]; a one-line UserError naming the option otherwise."""
     try:
@@ -122,8 +115,7 @@ class Outcome:
 def start(spec: RunSpec, out: Path, command: str, columns: list[str], progress: Progress | None
           ) -> tuple[Path, dict[str, dict[str, str]]]:
     """The checks every analysis makes before loading anything: the output folder and its CSV."""
-    csv_path = results.prepare_out(out) / f"{command}.csv"
-    results.check_header(csv_path, columns)
+    csv_path = results.prepare_csv(out, command, columns)
     return csv_path, results.rows_by_key(csv_path)
 
 

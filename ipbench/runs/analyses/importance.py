@@ -15,7 +15,7 @@ from typing import Any
 from ipbench.errors import UserError
 from ipbench.reducers import Policy
 from ipbench.reducers.trace import Share, Trace, entries, merged_top_share, top_count
-from ipbench.results import IMPORTANCE_COLUMNS
+from ipbench.results import IMPORTANCE_COLUMNS, cell
 from ipbench.runs.analyses import common
 from ipbench.runs.context import RunSpec
 from ipbench.runs.loop import Forward
@@ -91,8 +91,8 @@ class Importance(common.Analysis):
                 out.append({
                     **self.run.row_fields(cfg, self._key(layer, p)),
                     "layer": layer, "top_p": p, "tokens": self.tokens,
-                    "share": common.rounded(sh.value, 5),
-                    "random_share": common.rounded(self.expected.get((layer, p), 0.0) / sh.total
+                    "share": cell(sh.value, 5),
+                    "random_share": cell(self.expected.get((layer, p), 0.0) / sh.total
                                                    if sh.total else None, 5),
                     "n_top": sh.hits, "n_merged": sh.total,
                 })

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ipbench.reducers import Policy
 from ipbench.reducers.trace import Trace, entries, merged_pair_similarity
-from ipbench.results import SIMILARITY_COLUMNS
+from ipbench.results import SIMILARITY_COLUMNS, cell
 from ipbench.runs.analyses import common
 from ipbench.runs.context import RunSpec
 from ipbench.runs.loop import Forward
@@ -102,7 +102,7 @@ class Similarity(common.Analysis):
                     **self.run.row_fields(cfg, self._key(layer, feat)),
                     "layer": layer, "features": feat, "metric": self.metric if feat == "metric" else "x",
                     "pairs": "merged" if self.op == "merge" else "pruned",
-                    "mean_cos": common.rounded(acc.mean, 5), "std_cos": common.rounded(acc.std, 5),
+                    "mean_cos": cell(acc.mean, 5), "std_cos": cell(acc.std, 5),
                     "n_pairs": acc.n,
                 })
         # the pooled rows last: their presence marks the reducer as done
