@@ -13,18 +13,23 @@ from __future__ import annotations
 import csv
 import functools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from ipbench import shards
 from ipbench.errors import UserError
+from ipbench.images import one_line as _one_line
+from ipbench.images import to_rgb
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif"})
 SYNTHETIC = "synthetic"
+SAMPLE = "sample"  # the 100 real labelled photographs shipped with ipbench (CC-BY 2.0, see their README)
+SAMPLE_FOLDER = Path(__file__).resolve().parent / "sample" / "nips17-100"
 SYNTHETIC_DEFAULT_IMAGES = 256
 UNLABELLED = -1
 
@@ -64,11 +69,6 @@ def normalize(batch: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) ->
     return batch.to(torch.float32).div(255).sub_(m).div_(s)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 class _Files(Dataset):
     """(path, label) list decoded with the uint8 transform; failures are returned, not raised,
     so that a worker process never turns a bad file into a traceback."""
@@ -86,7 +86,7 @@ class _Files(Dataset):
         path, label = self.items[i]
         try:
             with Image.open(path) as im:
-                return self.transform(im.convert("RGB")), label, ""
+                return self.transform(to_rgb(im)), label, ""
         except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError... for broken files
             return None, label, f"cannot read image {path}: {_one_line(exc)}"
 
@@ -116,7 +116,7 @@ def _collate(items: list[tuple[Tensor | None, int, str]]) -> tuple[Tensor | None
 class DataSource:
     """An opened data source: what it is, how many images, and its batches of decoded images."""
 
-    name: str  # "folder", "csv" or "synthetic"
+    name: str  # "folder", "csv", "shards" or "synthetic"
     path: str  # resolved path, or "synthetic"
     num_images: int
     has_labels: bool
@@ -126,13 +126,25 @@ class DataSource:
     skip_bad: bool
     dataset: Dataset = field(repr=False)
     skipped: list[str] = field(default_factory=list)  # messages of images skipped by the last pass
+    part: range | None = None  # this process's contiguous share of the images (None: all of them)
+    max_label: int = -1  # the largest class index among the labels (-1 without labels)
+
+    @property
+    def local_images(self) -> int:
+        """How many images this process reads (its shard; all of them in a single process)."""
+        return len(self.part) if self.part is not None else self.num_images
+
+    def sharded(self, part: range) -> DataSource:
+        """The same source, reading only `part` of its fixed order (num_images stays the total)."""
+        return replace(self, part=part, skipped=[])
 
     def batches(self, batch_size: int = 32, workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield (uint8 images [B,3,H,W], labels) in the source's fixed order."""
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {batch_size}")
         self.skipped = []
-        loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=False,
+        dataset = Subset(self.dataset, self.part) if self.part is not None else self.dataset
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
                             num_workers=max(0, workers), collate_fn=_collate)
         for images, labels, errors in loader:
             if errors:
@@ -150,7 +162,7 @@ def _subset(items: list[Any], limit: int | None) -> list[Any]:
     return [items[i * len(items) // limit] for i in range(limit)]
 
 
-def _folder_items(root: Path) -> list[tuple[Path, int]]:
+def folder_items(root: Path) -> list[tuple[Path, int]]:
     wnids = imagenet_wnids()
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
@@ -201,7 +213,9 @@ def _csv_items(path: Path) -> list[tuple[Path, int]]:
 
 def open_source(spec: str, model_or_cfg: nn.Module | dict[str, Any], limit: int | None = None,
                 skip_bad: bool = False, seed: int = 0) -> DataSource:
-    """Open `spec`: an ImageNet-style folder, a ``file,label`` CSV, or "synthetic".
+    """Open `spec`: an ImageNet-style folder, a ``file,label`` CSV, webdataset tar shards
+    (``shards/val-{000000..000063}.tar``), "sample" (the 100 photographs shipped with ipbench) or
+    "synthetic".
 
     `limit` keeps N images evenly spaced over the sorted order (every total/N-th: all classes stay
     represented); for synthetic it is the number of images (default 256).
@@ -215,34 +229,50 @@ def open_source(spec: str, model_or_cfg: nn.Module | dict[str, Any], limit: int 
         n = limit or SYNTHETIC_DEFAULT_IMAGES
         return DataSource(name=SYNTHETIC, path=SYNTHETIC, num_images=n, has_labels=False,
                           dataset=_Synthetic(n, input_size, seed), **common)
+    if spec.strip().lower() == SAMPLE:
+        if not SAMPLE_FOLDER.is_dir():
+            raise UserError(f"the sample images are missing from this installation ({SAMPLE_FOLDER}); "
+                            "reinstall ipbench or pass --data PATH")
+        spec = str(SAMPLE_FOLDER)
+    if shards.is_shards(spec):
+        paths = shards.shard_paths(spec)
+        wnids = imagenet_wnids()
+        tar_items = _subset(shards.tar_items(paths, lambda text, where: _parse_label(text, wnids, where)), limit)
+        where = str(paths[0].resolve()) if len(paths) == 1 else f"{paths[0].resolve()} .. {paths[-1].name}"
+        return DataSource(name="shards", path=where, num_images=len(tar_items), has_labels=True,
+                          dataset=shards.TarImages(tar_items, uint8_transform(cfg)),
+                          max_label=max(label for _, label in tar_items), **common)
     path = Path(spec).expanduser()
     if not path.exists():
         raise UserError(f"data path not found: {spec}")
     if path.is_dir():
-        kind, items = "folder", _folder_items(path)
+        kind, items = "folder", folder_items(path)
     elif path.suffix.lower() == ".csv":
         kind, items = "csv", _csv_items(path)
     else:
         raise UserError(f"unsupported data source {spec}: expected a folder of wnid sub-folders, "
-                        "a .csv with columns file,label, or 'synthetic'")
+                        "a .csv with columns file,label, tar shards (val-{000000..000063}.tar) or 'synthetic'")
     items = _subset(items, limit)
     return DataSource(name=kind, path=str(path.resolve()), num_images=len(items), has_labels=True,
-                      dataset=_Files(items, uint8_transform(cfg)), **common)
+                      dataset=_Files(items, uint8_transform(cfg)), max_label=max(label for _, label in items),
+                      **common)
 
 
 def decode_all(source: DataSource, max_bytes: int, batch_size: int = 64, workers: int = 0,
                advance: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor]:
-    """Decode the whole source into one uint8 tensor, for measurements that reuse the same images.
+    """Decode the source's images (this rank's shard) into one uint8 tensor, for measurements that
+    reuse the same images; images skipped with --skip-bad are left out (empty when none is readable).
 
     advance(n) is called after each batch of n images (a progress bar's hook).
     """
     c, h, w = source.input_size
-    need = source.num_images * c * h * w
+    count = source.local_images
+    need = count * c * h * w
     if need > max_bytes:
-        raise UserError(f"{source.num_images} images at {h}x{w} need {need / 2**20:.0f} MiB in memory, "
+        raise UserError(f"{count} images at {h}x{w} need {need / 2**20:.0f} MiB in memory, "
                         f"more than the {max_bytes / 2**20:.0f} MiB allowed; use --limit")
-    images = torch.empty((source.num_images, c, h, w), dtype=torch.uint8)
-    labels = torch.empty(source.num_images, dtype=torch.long)
+    images = torch.empty((count, c, h, w), dtype=torch.uint8)
+    labels = torch.empty(count, dtype=torch.long)
     n = 0
     for batch, batch_labels in source.batches(batch_size, workers):
         images[n:n + len(batch)] = batch
@@ -250,8 +280,6 @@ def decode_all(source: DataSource, max_bytes: int, batch_size: int = 64, workers
         n += len(batch)
         if advance is not None:
             advance(len(batch))
-    if n == 0:
-        raise UserError(f"no readable image in {source.path}")
     return images[:n], labels[:n]
 
 

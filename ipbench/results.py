@@ -1,20 +1,32 @@
 """Result CSVs: fixed schemas, whole-row appends that survive a crash, and resume by config key.
 
 Every command appends to ``<out>/<command>.csv``. A row is written in one ``write`` followed by
-flush + fsync, so an interrupted run leaves complete rows only and can resume where it stopped.
+flush + fsync, so an interrupted run normally leaves complete rows only and can resume where it stopped.
+
+The file layer (well-formed rows, damaged tails, the writers' lock) is `ipbench.csvfile`.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ipbench.csvfile import (  # noqa: F401  (append_row, check_header, DamagedRows... are results' API)
+    DamagedRows,
+    append_row,
+    as_text,
+    check_file,
+    check_header,
+    damaged_path,
+    repair_tail,
+    well_formed,
+)
 from ipbench.errors import UserError
 
 if TYPE_CHECKING:
@@ -218,54 +230,11 @@ COHERENCE_COLUMNS: list[str] = [
 HASH_COLUMNS = ("config_key", "checkpoint_sha256")
 
 
-def _csv_line(values: list[Any]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow(values)
-    return buf.getvalue()
-
-
-def _existing_header(path: Path) -> list[str] | None:
-    if not path.exists() or path.stat().st_size == 0:
-        return None
-    with path.open(newline="", encoding="utf-8") as f:
-        return next(csv.reader(f), None)
-
-
-def _refuse_other_columns(file: Path, header: list[str] | None, columns: list[str]) -> None:
-    if header is not None and header != columns:
-        raise UserError(f"{file} was written with different columns (an older ipbench or another command); "
-                        "use another --out folder")
-
-
-def check_header(path: str | os.PathLike, columns: list[str]) -> None:
-    """Refuse a CSV written with other columns now, before minutes of measuring, not at the first row."""
-    file = Path(path)
-    _refuse_other_columns(file, _existing_header(file), columns)
-
-
-def append_row(path: str | os.PathLike, row: dict[str, Any], columns: list[str]) -> None:
-    """Append one complete row (writing the header first for a new file), flushed to disk."""
-    file = Path(path)
-    unknown = set(row) - set(columns)
-    if unknown:
-        raise ValueError(f"row has fields outside the schema: {sorted(unknown)}")
-    file.parent.mkdir(parents=True, exist_ok=True)
-    header = _existing_header(file)
-    _refuse_other_columns(file, header, columns)
-    text = _csv_line([row.get(c, "") for c in columns])
-    if header is None:
-        text = _csv_line(columns) + text
-    with file.open("a", newline="", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def prepare_csv(out: str | os.PathLike, command: str, columns: list[str]) -> Path:
     """OUT/<command>.csv, once the folder is known to be writable and an existing file to have these
-    columns: both checked before anything is measured."""
+    columns (its damaged tail moved aside: `csvfile.check_file`), before anything is measured."""
     path = prepare_out(out) / f"{command}.csv"
-    check_header(path, columns)
+    check_file(path, columns)
     return path
 
 
@@ -277,14 +246,22 @@ def cell(value: float | None, digits: int) -> Any:
 
 
 def read_rows(path: str | os.PathLike) -> pd.DataFrame:
-    """All rows of a result CSV (an empty frame when the file does not exist yet)."""
+    """All rows of a result CSV (an empty frame when the file does not exist yet).
+
+    Damaged rows (see the module's docstring) are skipped, with a `DamagedRows` warning; nothing is
+    repaired here (a reader may not own the folder)."""
     import pandas as pd
 
     file = Path(path)
     if not file.exists():
         return pd.DataFrame()
     # Hashes must stay strings: a hex prefix can look like a number ("12e4...").
-    return pd.read_csv(file, keep_default_na=False, na_values=[""], dtype={k: str for k in HASH_COLUMNS})
+    options: dict[str, Any] = {"keep_default_na": False, "na_values": [""], "dtype": {k: str for k in HASH_COLUMNS}}
+    header, rows, skipped = well_formed(file)
+    if header is None or skipped is None:  # nothing damaged, or no header: pandas reads (and judges) it all
+        return pd.read_csv(file, **options)
+    warnings.warn(skipped, DamagedRows, stacklevel=2)
+    return pd.read_csv(io.StringIO(as_text(header, rows)), **options)
 
 
 # Columns that tell the measurements of a CSV apart where it has no config_key (written by hand, or by
@@ -320,12 +297,14 @@ def existing_keys(path: str | os.PathLike) -> set[str]:
 
 
 def rows_by_key(path: str | os.PathLike) -> dict[str, dict[str, str]]:
-    """The last row of each config_key in a result CSV (a --force rerun appends a newer one)."""
-    file = Path(path)
-    if not file.exists():
+    """The last row of each config_key in a result CSV (a --force rerun appends a newer one).
+
+    Only well-formed rows with a non-empty config_key count: a damaged row is not a finished one."""
+    header, good, _ = well_formed(Path(path))
+    if header is None:
         return {}
-    with file.open(newline="", encoding="utf-8") as f:
-        return {row["config_key"]: row for row in csv.DictReader(f) if row.get("config_key")}
+    rows = (dict(zip(header, fields)) for fields in good)
+    return {row["config_key"]: row for row in rows if row.get("config_key")}
 
 
 def last_rows(path: str | os.PathLike, keys: list[str]) -> list[dict[str, str]]:

@@ -168,7 +168,10 @@ def test_plot_skips_missing_and_broken_csvs_with_a_note(tmp_path: Path) -> None:
 
 def test_plot_on_an_empty_or_missing_folder(tmp_path: Path) -> None:
     out = runner.invoke(app, ["plot", str(tmp_path)])
-    assert out.exit_code == 0 and "no ipbench result CSV" in " ".join(out.output.split())
+    assert out.exit_code == 3 and "nothing plotted: no ipbench result CSV with rows" in " ".join(out.stderr.split())
+    assert not (tmp_path / "REPORT.md").exists()
+    (tmp_path / "eval.csv").write_text("config_key,model\n")  # a CSV, but no row to draw
+    assert runner.invoke(app, ["plot", str(tmp_path)]).exit_code == 3
     out = runner.invoke(app, ["plot", str(tmp_path / "nope")])
     assert out.exit_code == 2 and "error:" in out.stderr and "nope" in out.stderr
 

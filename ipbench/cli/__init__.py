@@ -10,7 +10,17 @@ from ipbench.cli.app import app
 
 
 def main() -> None:
-    """Console-script entry point (`ipbench`, `python -m ipbench`)."""
+    """Console-script entry point (`ipbench`, `python -m ipbench`).
+
+    Under torchrun, ranks other than 0 print nothing to stdout (rank 0 prints the tables of all).
+    """
+    import os
+    import sys
+
+    from ipbench.cli.app import main_rank
+
+    if not main_rank():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
     app(prog_name="ipbench")
 
 

@@ -41,7 +41,7 @@ def _where(outcome: Outcome) -> tuple[str, str]:
     """(model name, 'N images of PATH') of an outcome's run."""
     assert outcome.run is not None
     ctx = outcome.run.ctx
-    return ctx.model, f"{len(outcome.run.images)} images of {ctx.source.path}"
+    return ctx.model, f"{outcome.run.num_images} images of {ctx.source.path}"
 
 
 def _training_free(model: str) -> str:
@@ -294,11 +294,10 @@ def coherence_cmd(
     from ipbench.runs.analyses import coherence
 
     lams = coherence.parse_localities(localities)
-    bases = policies(reducers, coherence.DEFAULT_REDUCERS)
-    for b in bases:
-        coherence.varied_part(b)  # a spec without ImagePiece is an error before anything loads
+    bases, skipped = coherence.applicable(policies(reducers, coherence.DEFAULT_REDUCERS))
     with Display() as d:
         outcome = coherence.run(run, out, bases, lams, prune, stem_checkpoint, force, d)
+    outcome.notes[:0] = skipped
     _done(outcome, _coherence_table)
 
 

@@ -24,6 +24,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from ipbench.cli.app import main_rank
+
 
 class _Rate(ProgressColumn):
     """Steps per second of the current phase (images/s while images are processed)."""
@@ -46,7 +48,7 @@ class Display:
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
-            console=Console(stderr=True),
+            console=Console(stderr=True, quiet=not main_rank()),
             transient=True,
         )
         self.overall = (self.progress.add_task(f"{what}: rows", total=total_rows, detail="")

@@ -215,4 +215,6 @@ def speed_cmd(
                f"{rows[0]['threads']} thread(s), {repeats} rounds of >= {min_seconds:g} s")
     wide_console().print(rows_table(rows, f"speed: {rows[0]['model']} on {rows[0]['device_name']}", caption,
                                     columns=("tokens", "analytic", "speed")))
+    for note in outcome.notes:
+        typer.echo(f"warning: {note}", err=True)
     typer.echo(f"{len(rows)} row(s) appended to {outcome.csv_path}")

@@ -53,8 +53,9 @@ WeightsOpt = Annotated[Weights, typer.Option(
          "--seed) for GMACs and speed where no weights are at hand; accuracy is then meaningless.")]
 DataOpt = Annotated[str, typer.Option(
     "--data", envvar="IPBENCH_DATA", show_envvar=True,
-    help="ImageNet-style validation folder (one sub-folder per wnid), a CSV with columns file,label "
-         "(paths relative to the CSV), or 'synthetic' (random images: speed only, no accuracy).")]
+    help="'sample' (100 labelled photographs shipped with ipbench), an ImageNet-style validation folder (one "
+         "sub-folder per wnid), a CSV with columns file,label (paths relative to the CSV), webdataset tar "
+         "shards ('val-{000000..000063}.tar'), or 'synthetic' (random images: speed only, no accuracy).")]
 LimitOpt = Annotated[int | None, typer.Option(
     "--limit", min=1,
     help="Use N images evenly spaced over the sorted list (deterministic, all classes represented); "
@@ -89,7 +90,7 @@ SHARED: dict[str, tuple[Any, Any]] = {
     "model": (ModelOpt, "deit_t"),
     "checkpoint": (CheckpointOpt, None),
     "weights": (WeightsOpt, Weights.pretrained),
-    "data": (DataOpt, "synthetic"),
+    "data": (DataOpt, "sample"),
     "limit": (LimitOpt, None),
     "skip_bad": (SkipBadOpt, False),
     "device": (DeviceOpt, Device.cpu),

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from ipbench.runs.context import RunSpec
 
 FIGURE_FORMATS = ("png", "svg", "pdf")
+NOTHING_PLOTTED = 3  # plot's exit code when no figure could be drawn (2 stays a bad input)
 ResultsArg = Annotated[Path, typer.Argument(
     help="Folder holding the result CSVs (sweep.csv, eval.csv, robustness.csv, ...).")]
 
@@ -40,7 +41,8 @@ def plot_cmd(
 ) -> None:
     """Figures (PNG + SVG) and FOLDER/REPORT.md from every ipbench CSV in a folder.
 
-    A missing or empty CSV, or a column a figure needs, skips that figure with a note.
+    A missing or empty CSV, or a column a figure needs, skips that figure with a note. Exit code 3
+    when no figure at all could be drawn (a script can tell it from success, 0, and bad input, 2).
     """
     from ipbench.plots import plot_folder, write_report
     from ipbench.results import prepare_out
@@ -58,9 +60,12 @@ def plot_cmd(
             typer.echo(f"{name}: {png}")
     for note in done.notes:
         typer.echo(f"note: {note}")
-    if not done.tables:
-        typer.echo(f"no ipbench result CSV with rows in {folder}")
-    typer.echo(f"report: {write_report(folder, done, command='plot')}")
+    if done.tables:
+        typer.echo(f"report: {write_report(folder, done, command='plot')}")
+    if not done.figures:
+        what = "no figure could be drawn from its CSVs" if done.tables else "no ipbench result CSV with rows"
+        typer.echo(f"nothing plotted: {what} in {folder}", err=True)
+        raise typer.Exit(NOTHING_PLOTTED)
 
 
 @app.command("report")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from ipbench.data import DataSource, decode_all, normalize, open_source
 from ipbench.errors import UserError
 from ipbench.measure.throughput import precision_context, resolve_dtype
 from ipbench.runs.progress import Progress
+from ipbench.runs.world import World, join
 
 PRECISIONS = ("float32", "bfloat16", "float16")
 WEIGHTS = ("pretrained", "random")
@@ -41,7 +42,7 @@ class RunSpec:
     model: str = "deit_t"
     checkpoint: str | None = None
     weights: str = "pretrained"  # pretrained | random; a checkpoint makes it "checkpoint"
-    data: str = "synthetic"
+    data: str = "sample"
     limit: int | None = None
     skip_bad: bool = False
     device: str = "cpu"
@@ -105,8 +106,13 @@ class RunContext:
     weights: str  # checkpoint | pretrained | random
     checkpoint: str  # resolved path, hub:<id>, or random:<timm name>
     sha256: str  # full sha256 of the weights file, "" otherwise
-    source: DataSource
+    source: DataSource  # this rank's shard of the images (all of them in a single process)
     threads: int
+    world: World = field(default_factory=World)
+    device: str = "cpu"  # where this process computes (cuda:LOCAL_RANK under torchrun on CUDA)
+    offset: int = 0  # position of this rank's first decoded image among all decoded images
+    kept: int | None = None  # decoded images over every rank (after a decode)
+    skipped: list[str] = field(default_factory=list)  # unreadable images of the last pass, every rank
 
     # -- precision -----------------------------------------------------------------------
     @property
@@ -120,25 +126,57 @@ class RunContext:
 
     def inputs(self, images: Tensor) -> Tensor:
         """uint8 images [B, 3, H, W] → normalised model input on the device, in the model's dtype."""
-        x = normalize(images.to(self.spec.device, non_blocking=True), self.source.mean, self.source.std)
+        x = normalize(images.to(self.device, non_blocking=True), self.source.mean, self.source.std)
         return x.to(resolve_dtype(self.spec.model_dtype))
 
     # -- images --------------------------------------------------------------------------
     def fits_in_memory(self, max_bytes: int) -> bool:
+        """Whether the largest rank's share of the images fits in `max_bytes` (the same answer on
+        every rank)."""
         c, h, w = self.source.input_size
-        return self.source.num_images * c * h * w <= max_bytes
+        return -(-self.source.num_images // self.world.size) * c * h * w <= max_bytes
 
     def decode(self, progress: Progress, description: str, max_bytes: int = MAX_DECODED_BYTES
                ) -> tuple[Tensor, Tensor]:
-        """Every image of the source, decoded once to one uint8 tensor (and the labels)."""
+        """This rank's images, decoded once to one uint8 tensor (and the labels).
+
+        Sets `offset` (where they start among the images every rank decoded), `kept` and `skipped`
+        (over every rank); a bad image on any rank stops every rank with its error.
+        """
         progress.phase(description, self.source.num_images)
-        return decode_all(self.source, max_bytes, self.spec.batch_size, self.spec.workers, progress.advance)
+        decoded: list[tuple[Tensor, Tensor]] = []
+
+        def local() -> tuple[int, list[str]]:
+            decoded.append(decode_all(self.source, max_bytes, self.spec.batch_size, self.spec.workers,
+                                      lambda n: progress.advance(n * self.world.size)))
+            return len(decoded[0][1]), list(self.source.skipped)
+
+        counts = self.world.agree(local)
+        self.offset = sum(n for n, _ in counts[:self.world.rank])
+        self.kept = sum(n for n, _ in counts)
+        self.skipped = [m for _, msgs in counts for m in msgs]
+        if self.kept == 0:
+            raise UserError(f"no readable image in {self.source.path}")
+        return decoded[0]
 
     def first_images(self, n: int) -> Tensor:
         """The first `n` decoded images of the source (uint8)."""
-        for images, _ in self.source.batches(n, 0):
+        for images, _ in self.source.sharded(range(min(n, self.source.num_images))).batches(n, 0):
             return images
         raise UserError(f"no readable image in {self.source.path}")
+
+    def check_labels(self) -> None:
+        """Accuracy on labelled data needs a classifier head whose classes the labels index: a
+        head-less model (num_classes=0) or a label outside its classes is an error, never a 0 %."""
+        if not self.source.has_labels:
+            return
+        classes = int(getattr(self.net, "num_classes", 0) or 0)
+        if classes == 0:
+            raise UserError(f"{self.model} has no classifier head (num_classes=0), so it has no accuracy on labelled "
+                            "data: use weights with a head, or measure GMACs and speed with --data synthetic")
+        if self.source.max_label >= classes:
+            raise UserError(f"{self.source.path} has class index {self.source.max_label}, but {self.model} has "
+                            f"{classes} classes (0-{classes - 1}): labels must index the model's classes")
 
     # -- what rows say -------------------------------------------------------------------
     def row_fields(self) -> dict[str, Any]:
@@ -152,7 +190,7 @@ class RunContext:
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "model": self.model, "checkpoint": self.checkpoint, "checkpoint_sha256": self.sha256[:16],
             "weights": self.weights, "data": self.source.path, "num_images": self.source.num_images,
-            "device": s.device, "device_name": device_name(s.device), "dtype": self.dtype,
+            "device": s.device, "device_name": device_name(self.device), "dtype": self.dtype,
             "amp_dtype": s.amp_dtype, "model_dtype": s.model_dtype, "batch_size": s.batch_size,
             "threads": self.threads, "seed": s.seed,
             "torch": torch.__version__, "timm": timm.__version__, "ipbench": ipbench.__version__,
@@ -177,11 +215,12 @@ def open_run(spec: RunSpec, source_limit: int | None = None) -> RunContext:
     `source_limit` replaces the spec's limit (flops traces a few images, speed one batch).
     """
     check_spec(spec)
+    world, device = join(spec.device)
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
     pretrained = spec.weights != "random"
-    net = models.create_model(spec.model, spec.checkpoint, device=spec.device, pretrained=pretrained)
+    net = models.create_model(spec.model, spec.checkpoint, device=device, pretrained=pretrained)
     net = net.to(resolve_dtype(spec.model_dtype))
     timm_name = models.resolve_name(spec.model)
     if spec.checkpoint is not None:
@@ -194,5 +233,13 @@ def open_run(spec: RunSpec, source_limit: int | None = None) -> RunContext:
         weights, sha, checkpoint = "random", "", f"random:{timm_name}"
     limit = source_limit if source_limit is not None else spec.limit
     source = open_source(spec.data, net, limit=limit, skip_bad=spec.skip_bad, seed=spec.seed)
+    if world.distributed:
+        if source_limit is not None:
+            raise UserError("this command measures a few images in one process: run it without torchrun "
+                            "(under torchrun, eval, sweep and the analyses split the images over the ranks)")
+        if source.num_images < world.size:
+            raise UserError(f"{source.num_images} images for {world.size} processes: every rank needs at "
+                            "least one image (fewer processes, or more images)")
+        source = source.sharded(world.shard(source.num_images))
     return RunContext(spec=spec, net=net, model=timm_name, weights=weights, checkpoint=checkpoint, sha256=sha,
-                      source=source, threads=torch.get_num_threads())
+                      source=source, threads=torch.get_num_threads(), world=world, device=device)

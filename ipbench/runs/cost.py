@@ -23,6 +23,9 @@ from ipbench.runs.plan import BASELINE, Config, Costs, Variants, config, is_vit
 from ipbench.runs.progress import Progress, Silent
 
 FLOPS_AGREEMENT = 0.01  # fvcore and the analytic count must agree within 1 %
+# a paired speed-up whose rounds spread wider than this, (max - min) / median, is flagged: the
+# machine was busy and the number should not be trusted (a 2-core CPU shows 15-35 % when busy)
+SPREAD_WARNING = 0.25
 ANALYTIC_COUNTER = "analytic"  # flop_counter of a row whose model fvcore could not trace
 
 
@@ -68,11 +71,36 @@ def speed_fields(r: SpeedResult | None, protocol: SpeedProtocol) -> dict[str, An
     }
 
 
+def spread_note(speeds: dict[str, SpeedResult], labels: dict[str, str] | None = None) -> str | None:
+    """A warning when some speed-up's rounds spread wider than SPREAD_WARNING (busy machine)."""
+    wide = {spec: (r.speedup_max - r.speedup_min) / r.speedup for spec, r in speeds.items()
+            if r.speedup > 0 and spec != BASELINE and r.speedup_max - r.speedup_min > SPREAD_WARNING * r.speedup}
+    if not wide:
+        return None
+    worst = max(wide, key=lambda s: wide[s])
+    name = (labels or {}).get(worst, worst)
+    return (f"timings unsteady: {len(wide)} speed-up(s) spread over more than {100 * SPREAD_WARNING:g} % of their "
+            f"median between rounds (worst: {name}, {100 * wide[worst]:.0f} %); the machine was busy: rerun the "
+            "speed on an idle machine or with more --repeats before trusting those numbers")
+
+
+def speed_estimate(n_models: int, protocol: SpeedProtocol) -> float:
+    """Seconds the timing will take at least: every model, in each of its group's rounds and
+    warm-up, runs for --min-seconds (the baseline once per group)."""
+    others = max(0, n_models - 1)
+    size = protocol.group if protocol.group > 0 else max(1, others)
+    groups = max(1, math.ceil(others / size))
+    return (n_models + groups - 1) * (protocol.repeats + 1) * protocol.min_seconds
+
+
 def time_configs(ctx: RunContext, nets: dict[str, nn.Module], batch: Tensor, protocol: SpeedProtocol,
                  progress: Progress) -> dict[str, SpeedResult]:
     """Interleaved throughput of every model (keyed by spec, the baseline among them) on one batch."""
+    eta = speed_estimate(len(nets), protocol)
+    progress.log(f"timing {len(nets)} models interleaved with the baseline: at least {eta / 60:.1f} min "
+                 f"({protocol.repeats} rounds of >= {protocol.min_seconds:g} s each); rows follow")
     progress.phase(f"throughput, {len(nets)} models interleaved with the baseline", None)
-    return measure_grouped(nets, ctx.inputs(batch), BASELINE, protocol, ctx.spec.device, ctx.spec.amp_dtype,
+    return measure_grouped(nets, ctx.inputs(batch), BASELINE, protocol, ctx.device, ctx.spec.amp_dtype,
                            progress.set_done)
 
 
@@ -83,6 +111,7 @@ class CostOutcome:
     ctx: RunContext
     csv_path: Path
     rows: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def _configs(ctx: RunContext, policies: list[Policy]) -> list[Config]:
@@ -134,6 +163,9 @@ def run_speed(spec: RunSpec, policies: list[Policy], protocol: SpeedProtocol, ou
     nets = {c.spec: variants(c.policy) for c in configs}
     res = time_configs(ctx, nets, fixed_batch(uint8, protocol.batch_size), protocol, progress)
     outcome = CostOutcome(ctx=ctx, csv_path=csv_path)
+    unsteady = spread_note(res, {c.spec: c.label for c in configs})
+    if unsteady:
+        outcome.notes.append(unsteady)
     base = configs[0].gmacs
     for c in configs:
         row = {

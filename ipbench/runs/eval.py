@@ -2,7 +2,8 @@
 
 Any timm classifier runs without a reducer (a ResNet's accuracy is a fine baseline); a reducer
 needs a timm ViT. One row per run is appended to eval.csv (eval does not resume: every run is a
-measurement of its own).
+measurement of its own). Under torchrun each rank streams its shard of the images and rank 0
+writes the row of the counts added up.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def run_eval(spec: RunSpec, reducer: Policy, out: Path, progress: Progress | Non
     progress = progress or Silent()
     csv_path = results.prepare_csv(out, "eval", results.EVAL_COLUMNS)
     ctx = open_run(spec)
+    ctx.check_labels()
     cfg = config(ctx.net, reducer)
     acc = Accuracy()
     progress.phase("eval", ctx.source.num_images)
@@ -51,7 +53,7 @@ def run_eval(spec: RunSpec, reducer: Policy, out: Path, progress: Progress | Non
         **ctx.row_fields(),
         "config_key": results.config_key({"command": "eval", **ctx.identity(), "reducer": cfg.spec}),
         "num_images": res.images,
-        "skipped_images": len(ctx.source.skipped),
+        "skipped_images": len(ctx.skipped),
         "reducer": cfg.spec,
         "reducer_params": fields["reducer_params"],
         "reducer_label": fields["reducer_label"],
@@ -63,6 +65,7 @@ def run_eval(spec: RunSpec, reducer: Policy, out: Path, progress: Progress | Non
         "correct1": res.correct1,
         "correct5": res.correct5,
     }
-    results.append_row(csv_path, row, results.EVAL_COLUMNS)
+    if ctx.world.main:
+        results.append_row(csv_path, row, results.EVAL_COLUMNS)
     notes = [ctx.accuracy_note] if ctx.accuracy_note and ctx.source.has_labels else []
     return EvalOutcome(ctx=ctx, row=row, result=res, seconds=seconds, csv_path=csv_path, notes=notes)

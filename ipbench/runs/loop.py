@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from ipbench.errors import UserError
 from ipbench.measure.accuracy import Result
 from ipbench.reducers.trace import Trace, get_trace
 from ipbench.runs.context import RunContext
@@ -37,8 +38,17 @@ class Forward:
 
 
 class Consumer(Protocol):
+    """Takes a job's outputs batch by batch; its state is mergeable so that the states of several
+    processes (torchrun ranks) add up to exactly what one process would have counted."""
+
     def add(self, out: Forward) -> None:
         """Take one batch's outputs into the consumer's state."""
+
+    def state(self) -> Any:
+        """The consumer's state as plain picklable values (counts, exact sums)."""
+
+    def merge(self, state: Any) -> None:
+        """Add another process's `state()` to this one."""
 
 
 class Accuracy:
@@ -49,6 +59,36 @@ class Accuracy:
 
     def add(self, out: Forward) -> None:
         self.result.add(out.logits, out.labels)
+
+    def state(self) -> Result:
+        return self.result
+
+    def merge(self, state: Result) -> None:
+        self.result = self.result + state
+
+
+def merge_states(a: Any, b: Any) -> Any:
+    """a + b for consumer states: dicts key by key (a key only one side has is taken as it is),
+    anything else (ints, Result, Share, Moments, ExactSum) by its own exact `+`."""
+    if isinstance(a, dict):
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = merge_states(out[k], v) if k in out else v
+        return out
+    return a + b
+
+
+class Merged:
+    """A consumer whose state is the attributes named in `merged` (each a mergeable value)."""
+
+    merged: tuple[str, ...] = ()
+
+    def state(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.merged}
+
+    def merge(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, merge_states(getattr(self, name), value))
 
 
 Transform = Callable[[Tensor, range], Tensor]  # (normalised batch, image indices) -> model input
@@ -66,24 +106,58 @@ class Job:
 
 
 def run_jobs(ctx: RunContext, batches: Iterable[tuple[Tensor, Tensor]], jobs: list[Job],
-             progress: Progress | None = None) -> None:
-    """Run every job on every batch (uint8 images, labels), in the source's fixed order.
+             progress: Progress | None = None, start: int | None = None, expected: int | None = None) -> int:
+    """Run every job on every batch (uint8 images, labels) in the source's fixed order; return the
+    number of images seen by every process together.
 
     The batch is normalised once, on the device and in the model dtype; each job forwards it once
     (after its transform) under the context's autocast; its consumers get float32 logits on the CPU.
+    `start` is the position of the first image (default: the context's offset of decoded images).
     `progress.advance(n)` is called after each batch of n images.
+    `expected` is the number of images the batches hold over every rank (decoded images); without
+    it, under torchrun, the batches are the shards of the source and must cover all its images but
+    the skipped ones.
+
+    Under torchrun every rank runs its shard, then the consumers' states are gathered and merged
+    (in rank order), so that every rank ends holding the totals; a UserError on one rank (a bad
+    image) is raised on every rank. A shard lost or counted twice is an error, never a number.
     """
     progress = progress or Silent()
-    start = 0
-    with torch.inference_mode(), ctx.precision():
-        for images, labels in batches:
-            x = ctx.inputs(images)
-            indices = range(start, start + len(labels))
-            for job in jobs:
-                logits = job.model(job.transform(x, indices) if job.transform is not None else x)
-                out = Forward(start=start, logits=logits.float().cpu(), labels=labels,
-                              trace=get_trace(job.model) if job.traced else None)
-                for consumer in job.consumers:
-                    consumer.add(out)
-            start += len(labels)
-            progress.advance(len(labels))
+    world = ctx.world
+    first = ctx.offset if start is None else start
+
+    def local() -> tuple[int, list[str], list[list[Any]]]:
+        seen = first
+        with torch.inference_mode(), ctx.precision():
+            for images, labels in batches:
+                x = ctx.inputs(images)
+                indices = range(seen, seen + len(labels))
+                for job in jobs:
+                    logits = job.model(job.transform(x, indices) if job.transform is not None else x)
+                    out = Forward(start=seen, logits=logits.float().cpu(), labels=labels,
+                                  trace=get_trace(job.model) if job.traced else None)
+                    for consumer in job.consumers:
+                        consumer.add(out)
+                seen += len(labels)
+                progress.advance(len(labels) * world.size)
+        states = [[c.state() for c in job.consumers] for job in jobs] if world.distributed else []
+        return seen - first, list(ctx.source.skipped), states
+
+    gathered = world.agree(local)
+    seen = sum(n for n, _, _ in gathered)
+    skipped = [m for _, msgs, _ in gathered for m in msgs]
+    if world.distributed:
+        for rank, (_, _, states) in enumerate(gathered):
+            if rank != world.rank:
+                for job, job_states in zip(jobs, states):
+                    for consumer, state in zip(job.consumers, job_states):
+                        consumer.merge(state)
+    if expected is not None and seen != expected:
+        raise UserError(f"{seen} images measured over {world.size} process(es), but {expected} were decoded: "
+                        "a shard was lost or counted twice")
+    if expected is None:
+        if world.distributed and seen + len(skipped) != ctx.source.num_images:
+            raise UserError(f"{seen} images measured and {len(skipped)} skipped over {world.size} process(es), "
+                            f"but the data has {ctx.source.num_images}: a shard was lost or counted twice")
+        ctx.skipped = skipped
+    return seen

@@ -15,6 +15,10 @@ How a sweep runs, and why:
   are written at the end of that pass.
 * Resume: a configuration whose ``config_key`` is already in the CSV is skipped (``force``
   measures again and appends; readers take the last row of a key).
+* Under torchrun: rank 0 decides what to resume (broadcast), counts the GMACs and times the speed
+  ALONE while the other ranks wait (papers quote one GPU's speed, never a sum over GPUs, and
+  ranks timing at once would share the host); then every rank evaluates its shard and rank 0
+  writes each row from the counts of all ranks.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from ipbench.measure.accuracy import Result
 from ipbench.measure.throughput import SpeedProtocol, SpeedResult
 from ipbench.reducers import Policy
 from ipbench.runs.context import RunContext, RunSpec, open_run
-from ipbench.runs.cost import fixed_batch, measured_gmacs, speed_fields, time_configs
+from ipbench.runs.cost import fixed_batch, measured_gmacs, speed_fields, spread_note, time_configs
 from ipbench.runs.loop import Accuracy, Job, run_jobs
 from ipbench.runs.plan import BASELINE, Config, Costs, Variants, is_vit, plan_sweep
 from ipbench.runs.progress import Progress, Silent
@@ -81,15 +85,17 @@ def run_sweep(spec: RunSpec, req: SweepRequest, out: Path, progress: Progress | 
     if not is_vit(ctx.net):
         raise UserError(f"{ctx.model} is a {type(ctx.net).__name__}, not a timm VisionTransformer: the sweep compares "
                         "token reducers on a ViT (use ipbench eval for this model's accuracy)")
+    ctx.check_labels()
     policies = [p for p in req.policies if p.name != BASELINE]
     configs = plan_sweep(Costs(ctx.net), policies, req.keep_rates, req.knob_values, req.budgets)
     for c in configs:
         c.key = results.config_key({
             "command": "sweep", **ctx.identity(), "reducer": c.spec, "keep_rate": c.keep_rate,
-            "gmacs_budget": c.gmacs_budget, "threads": ctx.threads,
+            # threads change the speed, never a count: a --no-speed row is the same under torchrun
+            "gmacs_budget": c.gmacs_budget, "threads": ctx.threads if req.measure_speed else None,
             "speed": req.speed.key_fields() if req.measure_speed else None,
         })
-    done = set() if req.force else results.existing_keys(csv_path)
+    done = ctx.world.broadcast(set() if req.force else results.existing_keys(csv_path))
     pending = [c for c in configs if c.key not in done]
     notes = _notes(configs)
     if ctx.accuracy_note and ctx.source.has_labels:
@@ -98,8 +104,8 @@ def run_sweep(spec: RunSpec, req: SweepRequest, out: Path, progress: Progress | 
                          accuracy_skipped=not ctx.source.has_labels, notes=notes, model=ctx.model,
                          data=ctx.source.path)
     if pending:
-        _measure(ctx, req, configs[0], pending, csv_path, progress)
-        report.skipped_images = list(ctx.source.skipped)
+        report.notes.extend(_measure(ctx, req, configs[0], pending, csv_path, progress))
+        report.skipped_images = list(ctx.skipped)
     report.rows = results.last_rows(csv_path, [c.key for c in configs])
     return report
 
@@ -112,7 +118,8 @@ def _keep_text(c: Config) -> str:
 
 
 def _measure(ctx: RunContext, req: SweepRequest, baseline: Config, pending: list[Config], csv_path: Path,
-             progress: Progress) -> None:
+             progress: Progress) -> list[str]:
+    """Measure the pending configurations and write their rows; return what to tell the user."""
     bs = ctx.spec.batch_size
     by_spec: dict[str, list[Config]] = {}
     for c in pending:
@@ -125,24 +132,27 @@ def _measure(ctx: RunContext, req: SweepRequest, baseline: Config, pending: list
     decoded = None
     if labelled and ctx.fits_in_memory(req.max_decoded_mib * 2**20):
         decoded = ctx.decode(progress, "decoding images", req.max_decoded_mib * 2**20)
-        first = decoded[0][:bs]
-    else:
-        first = ctx.first_images(bs)
-    real = fixed_batch(first, bs)
-
-    progress.phase("GMACs (fvcore)", len(nets))
     gmacs: dict[str, Any] = {}
     counters: dict[str, str] = {}
-    x1 = ctx.inputs(real[:1])
-    for spec, model in nets.items():
-        c = first_of[spec]
-        gmacs[spec], counters[spec] = measured_gmacs(model, x1, c.label, c.gmacs, progress.log)
-        progress.advance(1, c.label)
     speeds: dict[str, SpeedResult] = {}
-    if req.measure_speed:
-        speeds = time_configs(ctx, nets, real, req.speed, progress)
+    if ctx.world.main:  # GMACs are counted once; speed is timed by rank 0 alone while the others wait
+        first = decoded[0][:bs] if decoded is not None and not ctx.world.distributed else ctx.first_images(bs)
+        real = fixed_batch(first, bs)
+        progress.phase("GMACs (fvcore)", len(nets))
+        x1 = ctx.inputs(real[:1])
+        for spec, model in nets.items():
+            c = first_of[spec]
+            gmacs[spec], counters[spec] = measured_gmacs(model, x1, c.label, c.gmacs, progress.log)
+            progress.advance(1, c.label)
+        if req.measure_speed:
+            speeds = time_configs(ctx, nets, real, req.speed, progress)
+    ctx.world.broadcast(None)
+    unsteady = spread_note(speeds, {spec: c.label for spec, c in first_of.items()})
+    notes = [unsteady] if unsteady else []
 
     def write(spec: str, res: Result | None) -> None:
+        if not ctx.world.main:
+            return
         for c in by_spec[spec]:
             row = {
                 **ctx.row_fields(), "config_key": c.key, **c.fields(),
@@ -164,16 +174,18 @@ def _measure(ctx: RunContext, req: SweepRequest, baseline: Config, pending: list
     if not labelled:
         for spec in specs:
             write(spec, None)
-    elif decoded is not None:
+        return notes
+    if decoded is not None:
         images, labels = decoded
         for spec in specs:
             acc = Accuracy()
             progress.phase(f"accuracy {first_of[spec].label}", len(labels))
-            run_jobs(ctx, batched(images, labels, bs), [Job(spec, nets[spec], [acc])], progress)
+            run_jobs(ctx, batched(images, labels, bs), [Job(spec, nets[spec], [acc])], progress, expected=ctx.kept)
             write(spec, acc.result)
-    else:
-        progress.phase(f"accuracy, {len(specs)} configurations per batch", ctx.source.num_images)
-        accs = {spec: Accuracy() for spec in specs}
-        run_jobs(ctx, ctx.source.batches(bs, ctx.spec.workers), [Job(s, nets[s], [accs[s]]) for s in specs], progress)
-        for spec in specs:
-            write(spec, accs[spec].result)
+        return notes
+    progress.phase(f"accuracy, {len(specs)} configurations per batch", ctx.source.num_images)
+    accs = {spec: Accuracy() for spec in specs}
+    run_jobs(ctx, ctx.source.batches(bs, ctx.spec.workers), [Job(s, nets[s], [accs[s]]) for s in specs], progress)
+    for spec in specs:
+        write(spec, accs[spec].result)
+    return notes

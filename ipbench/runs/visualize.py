@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ipbench.data import data_config, uint8_transform
+from ipbench.data import data_config, to_rgb, uint8_transform
 from ipbench.errors import UserError
-from ipbench.reducers import Policy
+from ipbench.reducers import Policy, check_fits
 from ipbench.reducers.trace import Trace, entries, get_trace, group_map
 from ipbench.runs.context import RunContext, RunSpec, open_run
 from ipbench.runs.plan import variant
@@ -64,7 +64,7 @@ def load_image(path: str | os.PathLike, model: nn.Module) -> torch.Tensor:
         raise UserError(f"--image {file}: no such file")
     try:
         with Image.open(file) as img:
-            rgb = img.convert("RGB")
+            rgb = to_rgb(img)
     except (UnidentifiedImageError, OSError) as exc:
         raise UserError(f"--image {file}: not a readable image ({' '.join(str(exc).split())[:100]})") from None
     return uint8_transform(data_config(model))(rgb)
@@ -126,6 +126,7 @@ def token_groups(spec: RunSpec, image_path: str | os.PathLike, policy: Policy, l
     if not Path(image_path).is_file():
         raise UserError(f"--image {image_path}: no such file")
     ctx = open_run(spec, source_limit=1)
+    check_fits(ctx.net, policy)  # a ViT (and a class token for the CLS-attention reducers)
     layers = parse_layers(layer, len(ctx.net.blocks))
     image = load_image(image_path, ctx.net)
     layouts = trace_layouts(ctx.net, image, policy, layers, ctx)

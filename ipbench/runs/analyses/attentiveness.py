@@ -40,6 +40,7 @@ def attentive_rate(policy: Policy | str, given: float | None) -> float:
 
 
 class Attentiveness(common.Analysis):
+    merged = ("shares",)
     command = "attentiveness"
 
     def __init__(self, run: common.AnalysisRun, policy: Policy, rate: float | None, population: str) -> None:

@@ -23,12 +23,12 @@ from ipbench.measure.accuracy import Result
 from ipbench.reducers import Policy, set_tracing
 from ipbench.reducers.imagepiece import checkpoint_has_conv_stem, load_conv_stem_checkpoint
 from ipbench.reducers.trace import merged_pair_similarity
-from ipbench.results import COHERENCE_COLUMNS, append_row, cell
+from ipbench.results import COHERENCE_COLUMNS, cell
 from ipbench.runs.analyses import common
 from ipbench.runs.analyses.similarity import Moments, merge_op
 from ipbench.runs.context import RunSpec
 from ipbench.runs.cost import measured_gmacs
-from ipbench.runs.loop import Forward, Job
+from ipbench.runs.loop import Forward, Job, Merged
 from ipbench.runs.plan import Config, Costs, variant
 from ipbench.runs.progress import Progress
 
@@ -52,6 +52,23 @@ def varied_part(policy: Policy) -> Policy:
         if all(k in part.params for k in VARIED):
             return part
     raise UserError(f"coherence varies ImagePiece's locality; {policy.text!r} has no imagepiece part")
+
+
+def applicable(bases: list[Policy]) -> tuple[list[Policy], list[str]]:
+    """The specs the ablation applies to (an imagepiece part) and a note for each other one, the
+    rule of every analysis: a reducer an analysis does not apply to is skipped with a note; none
+    that applies is an error (before anything loads)."""
+    kept, notes = [], []
+    for b in bases:
+        try:
+            varied_part(b)
+            kept.append(b)
+        except UserError:
+            notes.append(f"{b.label()}: has no imagepiece part, so there is no locality to vary: skipped")
+    if not kept:
+        raise UserError("coherence varies ImagePiece's locality: no imagepiece part in "
+                        f"{', '.join(repr(b.text) for b in bases)}")
+    return kept, notes
 
 
 def with_params(policy: Policy, **params: Any) -> Policy:
@@ -103,8 +120,10 @@ def check_main_checkpoint(checkpoint: str | None) -> None:
                         "plain weights as --checkpoint")
 
 
-class _Measure:
+class _Measure(Merged):
     """Accuracy and merged-pair similarity of one variant over the traced pass."""
+
+    merged = ("res", "sims", "first_sims")
 
     def __init__(self, op: str, first: int | None) -> None:
         self.op, self.first = op, first
@@ -138,11 +157,12 @@ def run(spec: RunSpec, out: Path, bases: list[Policy], localities: list[float], 
     csv_path, done = common.start(spec, out, "coherence", COHERENCE_COLUMNS, progress)
     todo = variants(bases, localities, prune, stem_checkpoint is not None)
     check_main_checkpoint(spec.checkpoint)
-    run = common.load(spec, "coherence", progress)
+    run = common.load(spec, "coherence", progress, accuracy=True)
+    done = common.resume_state(run.ctx, done)
     runs = {"patch": run}
     if stem_checkpoint is not None:
         ctx = dataclasses.replace(
-            run.ctx, net=load_stem_model(spec.model, stem_checkpoint, spec.device), weights="checkpoint",
+            run.ctx, net=load_stem_model(spec.model, stem_checkpoint, run.ctx.device), weights="checkpoint",
             checkpoint=str(Path(stem_checkpoint).resolve()), sha256=models.checkpoint_sha256(stem_checkpoint))
         runs["conv"] = dataclasses.replace(run, ctx=ctx)
     outcome = common.Outcome(csv_path=csv_path, run=run)
@@ -164,7 +184,8 @@ def run(spec: RunSpec, out: Path, bases: list[Policy], localities: list[float], 
         label = policy.label()
         su.run([Job(policy.spec, model, [m], traced=True)], f"coherence: {label}")
         set_tracing(model, False)
-        gmacs, counter = measured_gmacs(model, su.ctx.inputs(su.images[:1]), label, cfg.gmacs, warnings.append)
+        gmacs, counter = (measured_gmacs(model, su.ctx.inputs(su.first_image), label, cfg.gmacs, warnings.append)
+                          if su.ctx.world.main else ("", ""))
         row = {
             **su.row_fields(cfg, key),
             "locality": p["locality"], "retok": p["retok"], "stem": p["stem"],
@@ -178,7 +199,7 @@ def run(spec: RunSpec, out: Path, bases: list[Policy], localities: list[float], 
             "sim_hidden_first": cell(m.first_sims["x"].mean, 5),
             "n_pairs": m.sims["metric"].n,
         }
-        append_row(csv_path, row, COHERENCE_COLUMNS)
+        run.write(csv_path, row, COHERENCE_COLUMNS)
         outcome.rows.append(row)
         outcome.measured += 1
     outcome.notes.extend(dict.fromkeys(w.removeprefix("warning: ") for w in warnings))

@@ -3,7 +3,8 @@ keys, resume, traced passes through the one batch loop, and the trace analyses' 
 
 Images are decoded once (uint8) and every reducer runs on the same tensor, one reducer after the
 other, so rows are written as soon as a reducer is done and an interrupted run resumes at the
-reducer it stopped in.
+reducer it stopped in. Under torchrun each rank decodes its shard; the probe image, the resume
+decision and the accumulated counts are the same on every rank, and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from ipbench.errors import UserError
 from ipbench.reducers import Policy
 from ipbench.reducers.trace import Trace, get_trace
 from ipbench.runs.context import RunContext, RunSpec, open_run
-from ipbench.runs.loop import Forward, Job, run_jobs
-from ipbench.runs.plan import BASELINE, Config, config, variant
+from ipbench.runs.loop import Forward, Job, Merged, run_jobs
+from ipbench.runs.plan import BASELINE, Config, config, is_vit, variant
 from ipbench.runs.progress import Progress, Silent
 
 
@@ -32,9 +33,15 @@ class AnalysisRun:
     """A run context and the images it is measured on (decoded once, kept for every reducer)."""
 
     ctx: RunContext
-    images: Tensor  # uint8 [N, C, H, W]
+    images: Tensor  # uint8 [N, C, H, W]: this rank's shard (all images in a single process)
     labels: Tensor
     progress: Progress = field(default_factory=Silent)
+    first: Tensor | None = None  # the first image of ALL images (the probe's), uint8 [1, C, H, W]
+
+    @property
+    def num_images(self) -> int:
+        """Decoded images over every rank: what rows and keys count."""
+        return self.ctx.kept if self.ctx.kept is not None else len(self.images)
 
     @property
     def net(self) -> nn.Module:
@@ -50,31 +57,51 @@ class AnalysisRun:
     def key(self, command: str, spec: str, **extra: Any) -> str:
         """config_key of one row: the command, the run's identity, the reducer and the row's own
         coordinates (layer, mask count, ...)."""
-        return results.config_key({"command": command, **self.ctx.identity(), "num_images": len(self.images),
+        return results.config_key({"command": command, **self.ctx.identity(), "num_images": self.num_images,
                                    "reducer": spec, **extra})
 
     def row_fields(self, cfg: Config, key: str) -> dict[str, Any]:
         """The fields every analysis row carries (who, on what, with which reducer, where)."""
-        return {**self.ctx.row_fields(), "config_key": key, "num_images": len(self.images), **cfg.fields()}
+        return {**self.ctx.row_fields(), "config_key": key, "num_images": self.num_images, **cfg.fields()}
+
+    def write(self, csv_path: Path, row: dict[str, Any], columns: list[str]) -> None:
+        """Append one row (rank 0 only: under torchrun every rank holds the same totals)."""
+        if self.ctx.world.main:
+            results.append_row(csv_path, row, columns)
 
     def run(self, jobs: list[Job], description: str) -> None:
         """One pass of `jobs` over every image, with a progress phase."""
         self.progress.phase(description, len(self.images))
-        run_jobs(self.ctx, self.batches(), jobs, self.progress)
+        run_jobs(self.ctx, self.batches(), jobs, self.progress, expected=self.num_images)
 
     def probe(self, model: nn.Module) -> Trace:
-        """The trace of ONE image: cheap, tells whether a reducer merges at all."""
+        """The trace of the first image (the same on every rank): cheap, tells whether a reducer
+        merges at all."""
         with torch.inference_mode(), self.ctx.precision():
-            model(self.ctx.inputs(self.images[:1]))
+            model(self.ctx.inputs(self.first_image))
         return get_trace(model)
 
+    @property
+    def first_image(self) -> Tensor:
+        return self.first if self.first is not None else self.images[:1]
 
-def load(spec: RunSpec, what: str, progress: Progress | None = None) -> AnalysisRun:
-    """The model and ALL images decoded once (a progress phase while decoding)."""
+
+def load(spec: RunSpec, what: str, progress: Progress | None = None, accuracy: bool = False) -> AnalysisRun:
+    """The model and ALL images decoded once (a progress phase while decoding); an analysis that
+    measures `accuracy` needs labels that index the model's classes (checked before decoding)."""
     progress = progress or Silent()
     ctx = open_run(spec)
+    if not is_vit(ctx.net):
+        raise UserError(f"{ctx.model} is a {type(ctx.net).__name__}, not a timm VisionTransformer: {what} measures "
+                        "token reducers on a ViT (use ipbench eval for this model's accuracy)")
+    if accuracy and not ctx.source.has_labels:
+        raise UserError(f"{what} measures accuracy: it needs labelled images (an ImageNet-style folder, a "
+                        "file,label CSV or tar shards), not synthetic data")
+    if accuracy:
+        ctx.check_labels()
     images, labels = ctx.decode(progress, f"{what}: decode")
-    return AnalysisRun(ctx=ctx, images=images, labels=labels, progress=progress)
+    first = ctx.world.broadcast(images[:1]) if ctx.world.distributed else None
+    return AnalysisRun(ctx=ctx, images=images, labels=labels, progress=progress, first=first)
 
 
 def parse_floats(text: str, option: str) -> list[float]:
@@ -119,9 +146,14 @@ def start(spec: RunSpec, out: Path, command: str, columns: list[str], progress: 
     return csv_path, results.rows_by_key(csv_path)
 
 
-class Analysis:
+def resume_state(ctx: RunContext, done: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """Rank 0's reading of what is already done, on every rank (torchrun): one decision for all."""
+    return ctx.world.broadcast(done)
+
+
+class Analysis(Merged):
     """One reducer's accumulation over traced batches (a consumer of the batch loop); subclasses say
-    what a row is.
+    what a row is, and name in `merged` the attributes that hold their (mergeable) counts and sums.
 
     `skip_reason` sees a one-image trace first: it says whether there is anything to measure and
     sets `layers` (the blocks with rows), so that the keys of every row are known before the pass.
@@ -158,6 +190,7 @@ def run_traced(spec: RunSpec, out: Path, command: str, columns: list[str], polic
     their rows read back for the table)."""
     csv_path, done = start(spec, out, command, columns, progress)
     run = load(spec, command, progress)
+    done = resume_state(run.ctx, done)
     outcome = Outcome(csv_path=csv_path, run=run)
     for policy in policies:
         analysis = make(run, policy)
@@ -180,7 +213,7 @@ def run_traced(spec: RunSpec, out: Path, command: str, columns: list[str], polic
         for row in analysis.rows(cfg):
             outcome.rows.append(row)
             if force or row["config_key"] not in done:
-                results.append_row(csv_path, row, columns)
+                run.write(csv_path, row, columns)
                 outcome.measured += 1
             else:
                 outcome.resumed += 1

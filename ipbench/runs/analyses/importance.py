@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ipbench.errors import UserError
+from ipbench.measure.exact import ExactSum
 from ipbench.reducers import Policy
 from ipbench.reducers.trace import Share, Trace, entries, merged_top_share, top_count
 from ipbench.results import IMPORTANCE_COLUMNS, cell
@@ -54,12 +55,13 @@ def step_shares(trace: Trace, p: float, tokens: str = "src") -> list[tuple[int, 
 
 class Importance(common.Analysis):
     command = "importance"
+    merged = ("shares", "expected")
 
     def __init__(self, run: common.AnalysisRun, policy: Policy, top: list[float], tokens: str) -> None:
         super().__init__(run, policy)
         self.top, self.tokens = top, tokens
         self.shares: dict[tuple[Any, float], Share] = {}
-        self.expected: dict[tuple[Any, float], float] = {}
+        self.expected: dict[tuple[Any, float], ExactSum] = {}
 
     def skip_reason(self, probe: Trace) -> str | None:
         found = [e for e in entries(probe, "merge") if e["src"].shape[1] > 0]
@@ -80,7 +82,7 @@ class Importance(common.Analysis):
             for layer, share, expected in step_shares(out.trace, p, self.tokens):
                 for k in ((layer, p), ("all", p)):
                     self.shares[k] = self.shares.get(k, Share()) + share
-                    self.expected[k] = self.expected.get(k, 0.0) + expected
+                    self.expected.setdefault(k, ExactSum()).extend([expected])
 
     def rows(self, cfg: Config) -> list[dict[str, Any]]:
         out = []
@@ -92,7 +94,7 @@ class Importance(common.Analysis):
                     **self.run.row_fields(cfg, self._key(layer, p)),
                     "layer": layer, "top_p": p, "tokens": self.tokens,
                     "share": cell(sh.value, 5),
-                    "random_share": cell(self.expected.get((layer, p), 0.0) / sh.total
+                    "random_share": cell(self.expected.get((layer, p), ExactSum()).value / sh.total
                                                    if sh.total else None, 5),
                     "n_top": sh.hits, "n_merged": sh.total,
                 })

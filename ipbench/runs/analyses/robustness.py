@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ipbench.errors import UserError
 from ipbench.reducers import Policy
-from ipbench.results import ROBUSTNESS_COLUMNS, append_row, cell
+from ipbench.results import ROBUSTNESS_COLUMNS, cell
 from ipbench.runs.analyses import common
 from ipbench.runs.analyses.masking import (
     DEFAULT_COUNTS,
@@ -63,10 +63,8 @@ def run(spec: RunSpec, out: Path, policies: list[Policy], counts: list[int] | No
     """Measure every reducer (and the baseline) at every mask count; write one row each."""
     csv_path, done = common.start(spec, out, "robustness", ROBUSTNESS_COLUMNS, progress)
     base = with_baseline(policies)
-    run = common.load(spec, "robustness", progress)
-    if not run.has_labels:
-        raise UserError("robustness measures accuracy: it needs labelled images (an ImageNet-style folder or "
-                        "a file,label CSV), not synthetic data")
+    run = common.load(spec, "robustness", progress, accuracy=True)
+    done = common.resume_state(run.ctx, done)
     pe = run.net.patch_embed
     n_patches, patch = int(pe.num_patches), int(pe.patch_size[0])
     if tuple(pe.patch_size) != (16, 16):
@@ -106,7 +104,7 @@ def run(spec: RunSpec, out: Path, policies: list[Policy], counts: list[int] | No
                 "correct1": res.correct1,
                 "correct5": res.correct5,
             }
-            append_row(csv_path, row, ROBUSTNESS_COLUMNS)
+            run.write(csv_path, row, ROBUSTNESS_COLUMNS)
             outcome.rows.append(row)
             outcome.measured += 1
     return outcome

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ipbench.measure.exact import ExactSum
 from ipbench.reducers import Policy
 from ipbench.reducers.trace import Trace, entries, merged_pair_similarity
 from ipbench.results import SIMILARITY_COLUMNS, cell
@@ -36,31 +37,38 @@ def merge_op(trace: Trace) -> str | None:
 
 
 class Moments:
-    """Running sum, sum of squares and count (float64 from float32 cosines)."""
+    """Sum, sum of squares and count of cosines, exact (`ExactSum`): any split of the images into
+    batches or torchrun shards gives the same mean and std."""
 
     def __init__(self) -> None:
-        self.s = self.ss = 0.0
+        self.s, self.ss = ExactSum(), ExactSum()
         self.n = 0
 
     def add(self, v: Tensor) -> None:
-        v = v.double()
-        self.s += float(v.sum())
-        self.ss += float((v * v).sum())
+        v = v.double()  # float32 cosines: their float64 squares are exact
+        self.s.extend(v.flatten().tolist())
+        self.ss.extend((v * v).flatten().tolist())
         self.n += v.numel()
+
+    def __add__(self, other: Moments) -> Moments:
+        out = Moments()
+        out.s, out.ss, out.n = self.s + other.s, self.ss + other.ss, self.n + other.n
+        return out
 
     @property
     def mean(self) -> float:
-        return self.s / self.n if self.n else float("nan")
+        return self.s.value / self.n if self.n else float("nan")
 
     @property
     def std(self) -> float:
         if not self.n:
             return float("nan")
-        return max(0.0, self.ss / self.n - self.mean ** 2) ** 0.5
+        return max(0.0, self.ss.value / self.n - self.mean ** 2) ** 0.5
 
 
 class Similarity(common.Analysis):
     command = "similarity"
+    merged = ("sums",)
 
     def __init__(self, run: common.AnalysisRun, policy: Policy) -> None:
         super().__init__(run, policy)

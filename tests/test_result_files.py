@@ -1,0 +1,252 @@
+"""Result CSVs that survive damage (a cut last row, a broken row) and concurrent writers."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from ipbench import csvfile, results
+from ipbench.errors import UserError
+
+COLUMNS = ["timestamp", "config_key", "model", "top1", "ipbench"]
+
+
+def _row(i: int) -> dict[str, str]:
+    return {"timestamp": f"t{i}", "config_key": f"key{i:03d}", "model": "deit_s", "top1": f"{70 + i}.5",
+            "ipbench": "0.3.1"}
+
+
+def _line(i: int) -> bytes:
+    return csvfile._csv_line([_row(i)[c] for c in COLUMNS]).encode()
+
+
+def _three_rows(tmp_path: Path) -> Path:
+    for i in range(3):
+        results.append_row(tmp_path / "sweep.csv", _row(i), COLUMNS)
+    return tmp_path / "sweep.csv"
+
+
+def _assert_well_formed(path: Path, n_rows: int) -> list[list[str]]:
+    data = path.read_bytes()
+    assert data.endswith(b"\n")
+    parsed = list(csv.reader(data.decode().splitlines()))
+    assert parsed[0] == COLUMNS
+    assert all(len(r) == len(COLUMNS) for r in parsed)
+    assert len(parsed) == n_rows + 1
+    return parsed[1:]
+
+
+def test_cut_last_row_is_not_done_and_is_moved_aside(tmp_path: Path) -> None:
+    path = _three_rows(tmp_path)
+    good = path.read_bytes()
+    broken = _line(3)[:17]  # half a row, no newline: a crash in the middle of the write
+    with path.open("ab") as f:
+        f.write(broken)
+
+    assert results.existing_keys(path) == {"key000", "key001", "key002"}
+    assert list(results.rows_by_key(path)) == ["key000", "key001", "key002"]
+    assert [r["config_key"] for r in results.last_rows(path, ["key000", "key003"])] == ["key000"]
+
+    with pytest.warns(results.DamagedRows) as caught:
+        assert results.prepare_csv(tmp_path, "sweep", COLUMNS) == path
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert str(path) in message and "sweep.csv.damaged" in message
+    assert f"{len(broken)} bytes, 1 line" in message
+    assert path.read_bytes() == good
+    assert results.damaged_path(path) == tmp_path / "sweep.csv.damaged"
+    assert (tmp_path / "sweep.csv.damaged").read_bytes() == broken + b"\n"
+
+    results.append_row(path, _row(3), COLUMNS)
+    rows = _assert_well_formed(path, 4)
+    assert [r[1] for r in rows] == ["key000", "key001", "key002", "key003"]
+    frame = results.read_rows(path)
+    assert list(frame["config_key"]) == ["key000", "key001", "key002", "key003"]
+
+
+def test_next_append_repairs_a_cut_tail_itself(tmp_path: Path) -> None:
+    path = _three_rows(tmp_path)
+    with path.open("ab") as f:
+        f.write(b"t3,key003,dei")
+    with pytest.warns(results.DamagedRows, match=r"13 bytes, 1 line"):
+        results.append_row(path, _row(3), COLUMNS)
+    assert [r[1] for r in _assert_well_formed(path, 4)] == ["key000", "key001", "key002", "key003"]
+    assert (tmp_path / "sweep.csv.damaged").read_bytes() == b"t3,key003,dei\n"
+
+
+def test_repair_tail_returns_its_message_and_is_idempotent(tmp_path: Path) -> None:
+    path = _three_rows(tmp_path)
+    assert results.repair_tail(path) is None
+    assert results.repair_tail(tmp_path / "missing.csv") is None
+    with path.open("ab") as f:
+        f.write(b"t3,key003")
+    with pytest.warns(results.DamagedRows):
+        message = results.repair_tail(path)
+    assert message is not None and "9 bytes, 1 line" in message and str(path) in message
+    assert results.repair_tail(path) is None
+    _assert_well_formed(path, 3)
+
+
+def test_last_row_with_too_few_fields_and_a_newline_is_moved_aside(tmp_path: Path) -> None:
+    path = _three_rows(tmp_path)
+    good = path.read_bytes()
+    broken = b"t3,key003,deit_s\n"
+    with path.open("ab") as f:
+        f.write(broken)
+
+    assert results.existing_keys(path) == {"key000", "key001", "key002"}
+    with pytest.warns(results.DamagedRows, match=r"3 fields, not 5") as caught:
+        results.prepare_csv(tmp_path, "sweep", COLUMNS)
+    assert f"{len(broken)} bytes, 1 line" in str(caught[0].message)
+    assert path.read_bytes() == good
+    assert (tmp_path / "sweep.csv.damaged").read_bytes() == broken  # it had its newline: kept as it was
+
+
+def test_complete_last_row_without_newline_counts_as_cut(tmp_path: Path) -> None:
+    # ipbench writes a row and its newline in one write, so a missing newline means the write was cut,
+    # possibly inside the last field ("0.3.1" -> "0.3" still has 5 fields): the row is not trusted.
+    path = _three_rows(tmp_path)
+    good = path.read_bytes()
+    with path.open("ab") as f:
+        f.write(_line(3).rstrip(b"\n"))
+
+    assert "key003" not in results.existing_keys(path)
+    with pytest.warns(results.DamagedRows, match="no newline"):
+        assert len(results.read_rows(path)) == 3
+    with pytest.warns(results.DamagedRows, match="no newline"):
+        results.prepare_csv(tmp_path, "sweep", COLUMNS)
+    assert path.read_bytes() == good
+    assert (tmp_path / "sweep.csv.damaged").read_bytes() == _line(3)
+
+
+def _written_by_hand(path: Path, *lines: bytes) -> Path:
+    path.write_bytes(csvfile._csv_line(COLUMNS).encode() + b"".join(lines))
+    return path
+
+
+def test_bad_row_in_the_middle_is_skipped_but_left_in_place(tmp_path: Path) -> None:
+    path = _written_by_hand(tmp_path / "sweep.csv", _line(0),
+                            b"t1,key001,deit_s,71.5,0.3.1,surplus\n",  # one field too many
+                            b"t2,key002\n",  # too few
+                            _line(3))
+    before = path.read_bytes()
+
+    assert set(results.rows_by_key(path)) == {"key000", "key003"}
+    with pytest.warns(results.DamagedRows, match=r"2 damaged rows skipped \(line 3: 6 fields, not 5; line 4: 2 fields"):
+        frame = results.read_rows(path)
+    assert list(frame["config_key"]) == ["key000", "key003"]
+    assert list(frame["top1"]) == [70.5, 73.5]
+    with pytest.warns(results.DamagedRows, match="2 damaged rows skipped"):
+        results.prepare_csv(tmp_path, "sweep", COLUMNS)
+    results.append_row(path, _row(4), COLUMNS)
+    assert path.read_bytes() == before + _line(4)  # only a damaged tail is repaired
+    assert not (tmp_path / "sweep.csv.damaged").exists()
+
+
+def test_stray_quote_does_not_swallow_the_rows_after_it(tmp_path: Path) -> None:
+    path = _written_by_hand(tmp_path / "sweep.csv", _line(0), b't1,"key001,deit_s,71.5,0.3.1\n', _line(2), _line(3))
+    assert set(results.rows_by_key(path)) == {"key000", "key002", "key003"}
+    assert results.repair_tail(path) is None
+
+
+def test_quoted_newline_in_a_field_is_one_row(tmp_path: Path) -> None:
+    path = tmp_path / "sweep.csv"
+    results.append_row(path, {**_row(0), "model": "two\nlines, quoted"}, COLUMNS)
+    results.append_row(path, _row(1), COLUMNS)
+    assert results.rows_by_key(path)["key000"]["model"] == "two\nlines, quoted"
+    assert results.repair_tail(path) is None
+    assert list(results.read_rows(path)["config_key"]) == ["key000", "key001"]
+
+
+def test_repeated_header_is_no_row(tmp_path: Path) -> None:
+    # what two writers racing on a new file left before the lock
+    path = _written_by_hand(tmp_path / "sweep.csv", _line(0), csvfile._csv_line(COLUMNS).encode(), _line(1))
+    assert set(results.rows_by_key(path)) == {"key000", "key001"}
+    with pytest.warns(results.DamagedRows, match="line 3: the header again"):
+        assert list(results.read_rows(path)["top1"]) == [70.5, 71.5]
+
+
+def test_cut_first_write_leaves_a_fresh_file(tmp_path: Path) -> None:
+    path = tmp_path / "sweep.csv"
+    path.write_bytes(csvfile._csv_line(COLUMNS).encode()[:10])
+    assert results.rows_by_key(path) == {}
+    with pytest.warns(results.DamagedRows, match="10 bytes, 1 line"):
+        results.append_row(path, _row(0), COLUMNS)
+    assert [r[1] for r in _assert_well_formed(path, 1)] == ["key000"]
+
+
+def test_other_columns_and_broken_first_line_are_refused_untouched(tmp_path: Path) -> None:
+    path = _three_rows(tmp_path)
+    with path.open("ab") as f:
+        f.write(b"t3,key")
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="different columns"):
+        results.prepare_csv(tmp_path, "sweep", [*COLUMNS, "extra"])
+    assert path.read_bytes() == before
+
+    other = tmp_path / "latin.csv"
+    other.write_bytes("caf\xe9,b\n1,2\n".encode("latin-1"))
+    with pytest.raises(UserError, match="first line is no CSV header"):
+        results.append_row(other, {"a": 1}, ["a"])
+    assert other.read_bytes() == "caf\xe9,b\n1,2\n".encode("latin-1")
+
+
+def test_clean_file_reads_without_warning(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    path = _three_rows(tmp_path)
+    results.prepare_csv(tmp_path, "sweep", COLUMNS)
+    assert len(results.read_rows(path)) == 3
+    assert not [w for w in recwarn if issubclass(w.category, results.DamagedRows)]
+    assert (tmp_path / "sweep.csv.lock").exists()
+    assert not (tmp_path / "sweep.csv.damaged").exists()
+
+
+_WRITER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from ipbench import results
+    path, start, worker, rows = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    columns = sys.argv[5].split(",")
+    (start.parent / f"ready{worker}").touch()
+    while not start.exists():
+        time.sleep(0.001)
+    for i in range(rows):
+        results.append_row(path, {"timestamp": i, "config_key": f"w{worker}r{i}", "model": "deit_s",
+                                  "top1": "x,y", "ipbench": worker}, columns)
+""")
+
+
+def test_concurrent_writers_write_one_header_and_whole_rows(tmp_path: Path) -> None:
+    workers, rows = 8, 20
+    path, start = tmp_path / "out" / "sweep.csv", tmp_path / "start"
+    args = [str(path), str(start)]
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, *args, str(w), str(rows), ",".join(COLUMNS)])
+             for w in range(workers)]
+    try:
+        for w in range(workers):  # every writer imported ipbench and waits: then all start at once
+            while not (tmp_path / f"ready{w}").exists():
+                assert procs[w].poll() is None, f"writer {w} died"
+                time.sleep(0.01)
+        start.touch()
+        assert [p.wait(timeout=120) for p in procs] == [0] * workers
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+    data = path.read_bytes()
+    assert data.endswith(b"\n")
+    assert data.count(csvfile._csv_line(COLUMNS).encode()) == 1
+    parsed = list(csv.reader(data.decode().splitlines()))
+    assert parsed[0] == COLUMNS
+    assert len(parsed) == 1 + workers * rows
+    assert all(len(r) == len(COLUMNS) and r[3] == "x,y" for r in parsed[1:])
+    expected = {f"w{w}r{i}" for w in range(workers) for i in range(rows)}
+    assert results.existing_keys(path) == expected
+    assert len(results.read_rows(path)) == workers * rows
+    assert not (path.parent / "sweep.csv.damaged").exists()
