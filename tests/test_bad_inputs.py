@@ -128,7 +128,8 @@ def test_coherence_skips_a_reducer_it_does_not_apply_to_with_a_note(tmp_path: Pa
     assert "note: tome" in result.output and "no imagepiece part" in result.output
     rows = list(csv.DictReader((tmp_path / "coherence.csv").open()))
     assert [r["reducer"] for r in rows] == ["imagepiece"]
-    assert_user_error(invoke(["coherence", "-r", "tome,evit", "--out", str(tmp_path)]), "no imagepiece part in 'tome', 'evit'")
+    result = invoke(["coherence", "-r", "tome,evit", "--out", str(tmp_path)])
+    assert_user_error(result, "no imagepiece part in 'tome', 'evit'")
 
 
 def test_the_sample_is_the_default_data_and_gives_real_accuracy(tmp_path: Path, checkpoint_path: Path) -> None:
@@ -141,3 +142,39 @@ def test_the_sample_is_the_default_data_and_gives_real_accuracy(tmp_path: Path, 
     # the README's reference: plain DeiT-Tiny on the sample, 88/100 top-1 and 98/100 top-5
     assert (row["num_images"], row["correct1"], row["correct5"]) == ("100", "88", "98")
     assert row["data"] == str(SAMPLE_FOLDER)
+
+
+def test_a_cut_last_row_is_measured_again_with_one_warning_line(tmp_path: Path) -> None:
+    args = ["sweep", "--weights", "random", "--data", "synthetic", "--limit", "2", "--no-speed",
+            "--reducers", "tome", "--keep-rates", "0.7", "--out", str(tmp_path)]
+    assert invoke(args).exit_code == 0
+    path = tmp_path / "sweep.csv"
+    text = path.read_text()
+    whole = text.splitlines(keepends=True)
+    assert len(whole) == 3  # header, baseline, tome
+    path.write_text("".join(whole[:2]) + whole[2][: len(whole[2]) // 2])  # a crash in the middle of the last row
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "sweep.csv.damaged" in warnings[0] and "line 3" in warnings[0], result.stderr
+    rows = list(csv.DictReader(path.open()))
+    assert [r["reducer"] for r in rows] == ["none", "tome"]  # re-measured once, nothing glued or doubled
+    assert (tmp_path / "sweep.csv.damaged").read_text() == whole[2][: len(whole[2]) // 2] + "\n"
+    assert "1 configuration(s) measured, 1 already in the CSV" in " ".join(result.output.split())
+
+
+def test_unsteady_timings_are_flagged_and_the_wait_is_announced() -> None:
+    from ipbench.measure.throughput import SpeedProtocol, SpeedResult
+    from ipbench.runs.cost import SPREAD_WARNING, speed_estimate, spread_note
+
+    def result(name: str, low: float, mid: float, high: float) -> SpeedResult:
+        return SpeedResult(name, 10.0, 9.0, 11.0, mid, low, high, "none", (1.0,), (mid,), 32, "cpu", "float32", 2,
+                           False)
+
+    steady = {"none": result("none", 1, 1, 1), "tome": result("tome", 1.5, 1.6, 1.7)}
+    assert spread_note(steady) is None
+    busy = {**steady, "evit": result("evit", 0.7, 1.2, 1.2 * (1 + SPREAD_WARNING) + 0.2)}
+    note = spread_note(busy, {"evit": "evit:keep=0.7"})
+    assert note is not None and "1 speed-up(s)" in note and "evit:keep=0.7" in note and "idle machine" in note
+    # 1 baseline + 8 reducers in groups of 4: 2 groups, 10 timed models, 6 rounds each of >= 2 s
+    assert speed_estimate(9, SpeedProtocol(repeats=5, min_seconds=2.0, group=4)) == 10 * 6 * 2.0
