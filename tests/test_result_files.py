@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import io
+import os
 import subprocess
 import sys
 import textwrap
@@ -250,3 +252,20 @@ def test_concurrent_writers_write_one_header_and_whole_rows(tmp_path: Path) -> N
     assert results.existing_keys(path) == expected
     assert len(results.read_rows(path)) == workers * rows
     assert not (path.parent / "sweep.csv.damaged").exists()
+
+
+def test_ipbench_commands_sharing_one_out_write_one_header(tmp_path: Path) -> None:
+    """Four real `ipbench flops` processes started at once on a new --out: one header, every row whole."""
+    cmd = [sys.executable, "-m", "ipbench", "flops", "--weights", "random", "--data", "synthetic", "--images", "1",
+           "--reducers", "tome", "--out", str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if k not in ("IPBENCH_CHECKPOINT", "IPBENCH_DATA")}
+    procs = [subprocess.Popen(cmd, env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    lines = (tmp_path / "flops.csv").read_text().splitlines()
+    assert sum(line.startswith("timestamp,config_key") for line in lines) == 1
+    rows = list(csv.DictReader(io.StringIO("\n".join(lines) + "\n")))
+    assert len(rows) == 8 and all(None not in r and None not in r.values() for r in rows)
+    assert sorted({r["reducer"] for r in rows}) == ["none", "tome"]

@@ -241,5 +241,7 @@ def open_run(spec: RunSpec, source_limit: int | None = None) -> RunContext:
             raise UserError(f"{source.num_images} images for {world.size} processes: every rank needs at "
                             "least one image (fewer processes, or more images)")
         source = source.sharded(world.shard(source.num_images))
+    # where this rank's images start (exact once decoded: `decode` then counts the skipped ones)
+    offset = source.part.start if source.part is not None else 0
     return RunContext(spec=spec, net=net, model=timm_name, weights=weights, checkpoint=checkpoint, sha256=sha,
-                      source=source, threads=torch.get_num_threads(), world=world, device=device)
+                      source=source, threads=torch.get_num_threads(), world=world, device=device, offset=offset)
