@@ -178,3 +178,17 @@ def test_unsteady_timings_are_flagged_and_the_wait_is_announced() -> None:
     assert note is not None and "1 speed-up(s)" in note and "evit:keep=0.7" in note and "idle machine" in note
     # 1 baseline + 8 reducers in groups of 4: 2 groups, 10 timed models, 6 rounds each of >= 2 s
     assert speed_estimate(9, SpeedProtocol(repeats=5, min_seconds=2.0, group=4)) == 10 * 6 * 2.0
+
+
+@pytest.mark.parametrize("command", [["flops", "--images", "2"], ["speed", "--batch-size", "2", "--repeats", "1",
+                                                                   "--min-seconds", "0", "--warmup", "1"]])
+def test_every_command_that_decodes_images_has_the_skip_bad_it_suggests(command: list[str], tmp_path: Path) -> None:
+    wnid = next(SAMPLE_FOLDER.glob("n*/")).name
+    folder = tmp_path / "data" / wnid
+    folder.mkdir(parents=True)
+    (folder / "a.jpg").write_bytes(b"not an image")
+    for f in sorted(SAMPLE_FOLDER.glob(f"{wnid}/*.jpg")):
+        shutil.copy(f, folder / f.name)
+    args = [*command, "--weights", "random", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
+    assert_user_error(invoke(args), "use --skip-bad to skip unreadable images")
+    assert invoke([*args, "--skip-bad"]).exit_code == 0

@@ -156,7 +156,7 @@ def sweep_cmd(
 
 @app.command("flops")
 @handle_errors
-@run_options(exclude=("limit", "skip_bad", "amp_dtype", "batch_size", "workers"))
+@run_options(exclude=("limit", "amp_dtype", "batch_size", "workers"))
 def flops_cmd(
     run: RunSpec,
     reducers: ReducersOpt = None,
@@ -185,7 +185,7 @@ def flops_cmd(
 
 @app.command("speed")
 @handle_errors
-@run_options(exclude=("limit", "skip_bad", "workers"))
+@run_options(exclude=("limit", "workers"))
 def speed_cmd(
     run: RunSpec,
     reducers: ReducersOpt = None,
