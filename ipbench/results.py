@@ -8,6 +8,7 @@ The file layer (well-formed rows, damaged tails, the writers' lock) is `ipbench.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -235,6 +236,36 @@ def prepare_csv(out: str | os.PathLike, command: str, columns: list[str]) -> Pat
     columns (its damaged tail moved aside: `csvfile.check_file`), before anything is measured."""
     path = prepare_out(out) / f"{command}.csv"
     check_file(path, columns)
+    return path
+
+
+PREDICTIONS = "predictions"  # OUT/predictions/<config_key>.csv.gz: one line per image of a row
+PREDICTION_COLUMNS = ["image", "label", "pred1", "pred2", "pred3", "pred4", "pred5", "correct1", "correct5"]
+
+
+def predictions_path(out: str | os.PathLike, key: str) -> Path:
+    """Where the per-image records of the row with `key` lie."""
+    return Path(out) / PREDICTIONS / f"{key}.csv.gz"
+
+
+def write_predictions(out: str | os.PathLike, key: str, labels: list[int], top: list[list[int]]) -> Path:
+    """Write one row's per-image records: image (its position among the measured images, in the
+    data's fixed order), label (-1: none), the top-5 predicted classes, correct@1/@5 (empty without
+    a label). gzip'd CSV: ``pandas.read_csv(path)`` reads it, no new dependency; written to a
+    temporary name and renamed, so a file is whole or absent, and it is written before its row."""
+    import gzip
+
+    path = predictions_path(out, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{key}.{os.getpid()}.tmp")
+    with gzip.open(tmp, "wt", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(PREDICTION_COLUMNS)
+        for i, (label, classes) in enumerate(zip(labels, top)):
+            padded = [*classes, *[""] * (5 - len(classes))]
+            hits = ["", ""] if label < 0 else [int(classes[:1] == [label]), int(label in classes)]
+            writer.writerow([i, label, *padded, *hits])
+    os.replace(tmp, path)
     return path
 
 

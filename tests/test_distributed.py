@@ -4,6 +4,7 @@ crashed rank, and webdataset tar shards. Real processes (gloo on this CPU) and t
 from __future__ import annotations
 
 import csv
+import gzip
 import math
 import os
 import random
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,26 +81,33 @@ COMMANDS = [
 
 
 @pytest.fixture(scope="module")
-def single_rows(tmp_path_factory: pytest.TempPathFactory, checkpoint_path: Path, data_path: Path
-                ) -> dict[str, list[dict[str, str]]]:
+def single_rows(tmp_path_factory: pytest.TempPathFactory, checkpoint_path: Path, data_path: Path) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("single")
     cmds = [f"{c} --data {data_path} --out {out}" for c in COMMANDS]
     done = subprocess.run([sys.executable, str(DRIVER), *cmds], env=env(checkpoint_path), capture_output=True,
                           text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {p.stem: rows_of(p) for p in out.glob("*.csv")}
+    found: dict[str, Any] = {p.stem: rows_of(p) for p in out.glob("*.csv")}
+    found["predictions"] = {p.name.removesuffix(".csv.gz"): gzip.decompress(p.read_bytes())
+                            for p in (out / "predictions").iterdir()}
+    return found
 
 
 @pytest.mark.parametrize("nproc", [2, 3])  # 3 divides none of the image counts
-def test_torchrun_rows_equal_the_single_process_rows(nproc: int, single_rows: dict[str, list[dict[str, str]]],
+def test_torchrun_rows_equal_the_single_process_rows(nproc: int, single_rows: dict[str, Any],
                                                      tmp_path: Path, checkpoint_path: Path, data_path: Path) -> None:
     cmds = [f"{c} --data {data_path} --out {tmp_path}" for c in COMMANDS]
     done = subprocess.run(torchrun(nproc, str(DRIVER), *cmds), env=env(checkpoint_path), capture_output=True,
                           text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert set(single_rows) == {"eval", "sweep", "robustness", "similarity"}
-    for command, rows in single_rows.items():
+    assert set(single_rows) == {"eval", "sweep", "robustness", "similarity", "predictions"}
+    for command in ("eval", "sweep", "robustness", "similarity"):
+        rows = single_rows[command]
         assert what(rows_of(tmp_path / f"{command}.csv")) == what(rows), command
+    # and every image's record (eval, sweep, robustness), gathered in the data's order
+    records = {p.name.removesuffix(".csv.gz"): gzip.decompress(p.read_bytes())
+               for p in (tmp_path / "predictions").iterdir()}
+    assert len(records) == 1 + 3 + 2 and records == single_rows["predictions"]
     # and the numbers are real: ToMe r=13 on the first 100 images is 84/100 (tests/reference)
     assert rows_of(tmp_path / "eval.csv")[0]["correct1"] == "84"
 

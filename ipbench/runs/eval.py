@@ -17,7 +17,7 @@ from ipbench import results
 from ipbench.measure.accuracy import Result
 from ipbench.reducers import Policy
 from ipbench.runs.context import RunContext, RunSpec, open_run
-from ipbench.runs.loop import Accuracy, Job, run_jobs
+from ipbench.runs.loop import Accuracy, Job, Predictions, run_jobs
 from ipbench.runs.plan import config, variant
 from ipbench.runs.progress import Progress, Silent
 
@@ -41,11 +41,11 @@ def run_eval(spec: RunSpec, reducer: Policy, out: Path, progress: Progress | Non
     ctx = open_run(spec)
     ctx.check_labels()
     cfg = config(ctx.net, reducer)
-    acc = Accuracy()
+    acc, predictions = Accuracy(), Predictions()
     progress.phase("eval", ctx.source.num_images)
     start = time.perf_counter()
-    run_jobs(ctx, ctx.source.batches(spec.batch_size, spec.workers), [Job(cfg.spec, variant(ctx.net, reducer), [acc])],
-             progress)
+    job = Job(cfg.spec, variant(ctx.net, reducer), [acc, predictions])
+    run_jobs(ctx, ctx.source.batches(spec.batch_size, spec.workers), [job], progress)
     seconds = time.perf_counter() - start
     res = acc.result
     fields = cfg.fields()
@@ -66,6 +66,7 @@ def run_eval(spec: RunSpec, reducer: Policy, out: Path, progress: Progress | Non
         "correct5": res.correct5,
     }
     if ctx.world.main:
+        results.write_predictions(out, row["config_key"], *predictions.records())
         results.append_row(csv_path, row, results.EVAL_COLUMNS)
     notes = [ctx.accuracy_note] if ctx.accuracy_note and ctx.source.has_labels else []
     return EvalOutcome(ctx=ctx, row=row, result=res, seconds=seconds, csv_path=csv_path, notes=notes)

@@ -13,6 +13,7 @@ source (every configuration on each batch, for data that does not fit in memory)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ipbench.errors import UserError
-from ipbench.measure.accuracy import Result
+from ipbench.measure.accuracy import TOP_K, Result
 from ipbench.reducers.trace import Trace, get_trace
 from ipbench.runs.context import RunContext
 from ipbench.runs.progress import Progress, Silent
@@ -45,10 +46,11 @@ class Consumer(Protocol):
         """Take one batch's outputs into the consumer's state."""
 
     def state(self) -> Any:
-        """The consumer's state as plain picklable values (counts, exact sums)."""
+        """The consumer's state as plain picklable values (counts, exact sums, records)."""
 
-    def merge(self, state: Any) -> None:
-        """Add another process's `state()` to this one."""
+    def merge_all(self, states: list[Any]) -> None:
+        """Become the merge of every process's `state()`, given in rank order (its own among them):
+        the images of rank r come before those of rank r+1, as in the data's fixed order."""
 
 
 class Accuracy:
@@ -63,8 +65,36 @@ class Accuracy:
     def state(self) -> Result:
         return self.result
 
-    def merge(self, state: Result) -> None:
-        self.result = self.result + state
+    def merge_all(self, states: list[Result]) -> None:
+        self.result = sum(states, Result())
+
+
+class Predictions:
+    """Every image's label and top-5 predicted classes, in the order the images came: the per-image
+    records that paired comparisons rest on. Ranks hold contiguous shards, so their records, put
+    end to end in rank order, are the data's fixed order."""
+
+    def __init__(self) -> None:
+        self.labels: list[Tensor] = []
+        self.top: list[Tensor] = []
+
+    def add(self, out: Forward) -> None:
+        self.labels.append(out.labels.to(torch.int64))
+        self.top.append(out.logits.topk(min(TOP_K, out.logits.shape[-1]), dim=-1).indices.to(torch.int64))
+
+    def state(self) -> tuple[Tensor, Tensor]:
+        labels = torch.cat(self.labels) if self.labels else torch.empty(0, dtype=torch.int64)
+        top = torch.cat(self.top) if self.top else torch.empty((0, TOP_K), dtype=torch.int64)
+        return labels, top
+
+    def merge_all(self, states: list[tuple[Tensor, Tensor]]) -> None:
+        self.labels = [labels for labels, _ in states]
+        self.top = [top for _, top in states if len(top)]
+
+    def records(self) -> tuple[list[int], list[list[int]]]:
+        """(label of each image, its top-k classes), image by image."""
+        labels, top = self.state()
+        return labels.tolist(), top.tolist()
 
 
 def merge_states(a: Any, b: Any) -> Any:
@@ -86,9 +116,9 @@ class Merged:
     def state(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.merged}
 
-    def merge(self, state: dict[str, Any]) -> None:
-        for name, value in state.items():
-            setattr(self, name, merge_states(getattr(self, name), value))
+    def merge_all(self, states: list[dict[str, Any]]) -> None:
+        for name in self.merged:
+            setattr(self, name, functools.reduce(merge_states, [s[name] for s in states]))
 
 
 Transform = Callable[[Tensor, range], Tensor]  # (normalised batch, image indices) -> model input
@@ -119,7 +149,7 @@ def run_jobs(ctx: RunContext, batches: Iterable[tuple[Tensor, Tensor]], jobs: li
     the skipped ones.
 
     Under torchrun every rank runs its shard, then the consumers' states are gathered and merged
-    (in rank order), so that every rank ends holding the totals; a UserError on one rank (a bad
+    in rank order, so that every rank ends holding the totals; a UserError on one rank (a bad
     image) is raised on every rank. A shard lost or counted twice is an error, never a number.
     """
     progress = progress or Silent()
@@ -147,11 +177,9 @@ def run_jobs(ctx: RunContext, batches: Iterable[tuple[Tensor, Tensor]], jobs: li
     seen = sum(n for n, _, _ in gathered)
     skipped = [m for _, msgs, _ in gathered for m in msgs]
     if world.distributed:
-        for rank, (_, _, states) in enumerate(gathered):
-            if rank != world.rank:
-                for job, job_states in zip(jobs, states):
-                    for consumer, state in zip(job.consumers, job_states):
-                        consumer.merge(state)
+        for j, job in enumerate(jobs):
+            for i, consumer in enumerate(job.consumers):
+                consumer.merge_all([states[j][i] for _, _, states in gathered])
     if expected is not None and seen != expected:
         raise UserError(f"{seen} images measured over {world.size} process(es), but {expected} were decoded: "
                         "a shard was lost or counted twice")

@@ -35,7 +35,7 @@ from ipbench.measure.throughput import SpeedProtocol, SpeedResult
 from ipbench.reducers import Policy
 from ipbench.runs.context import RunContext, RunSpec, open_run
 from ipbench.runs.cost import fixed_batch, measured_gmacs, speed_fields, spread_note, time_configs
-from ipbench.runs.loop import Accuracy, Job, run_jobs
+from ipbench.runs.loop import Accuracy, Job, Predictions, run_jobs
 from ipbench.runs.plan import BASELINE, Config, Costs, Variants, is_vit, plan_sweep
 from ipbench.runs.progress import Progress, Silent
 
@@ -150,10 +150,12 @@ def _measure(ctx: RunContext, req: SweepRequest, baseline: Config, pending: list
     unsteady = spread_note(speeds, {spec: c.label for spec, c in first_of.items()})
     notes = [unsteady] if unsteady else []
 
-    def write(spec: str, res: Result | None) -> None:
+    def write(spec: str, res: Result | None, records: Predictions | None = None) -> None:
         if not ctx.world.main:
             return
         for c in by_spec[spec]:
+            if records is not None:  # the per-image records first: a row always has its file
+                results.write_predictions(csv_path.parent, c.key, *records.records())
             row = {
                 **ctx.row_fields(), "config_key": c.key, **c.fields(),
                 "num_images": res.images if res is not None else "",
@@ -178,14 +180,17 @@ def _measure(ctx: RunContext, req: SweepRequest, baseline: Config, pending: list
     if decoded is not None:
         images, labels = decoded
         for spec in specs:
-            acc = Accuracy()
+            acc, records = Accuracy(), Predictions()
             progress.phase(f"accuracy {first_of[spec].label}", len(labels))
-            run_jobs(ctx, batched(images, labels, bs), [Job(spec, nets[spec], [acc])], progress, expected=ctx.kept)
-            write(spec, acc.result)
+            run_jobs(ctx, batched(images, labels, bs), [Job(spec, nets[spec], [acc, records])], progress,
+                     expected=ctx.kept)
+            write(spec, acc.result, records)
         return notes
     progress.phase(f"accuracy, {len(specs)} configurations per batch", ctx.source.num_images)
     accs = {spec: Accuracy() for spec in specs}
-    run_jobs(ctx, ctx.source.batches(bs, ctx.spec.workers), [Job(s, nets[s], [accs[s]]) for s in specs], progress)
+    records = {spec: Predictions() for spec in specs}
+    run_jobs(ctx, ctx.source.batches(bs, ctx.spec.workers), [Job(s, nets[s], [accs[s], records[s]]) for s in specs],
+             progress)
     for spec in specs:
-        write(spec, accs[spec].result)
+        write(spec, accs[spec].result, records[spec])
     return notes

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ipbench.errors import UserError
 from ipbench.reducers import Policy
-from ipbench.results import ROBUSTNESS_COLUMNS, cell
+from ipbench.results import ROBUSTNESS_COLUMNS, cell, write_predictions
 from ipbench.runs.analyses import common
 from ipbench.runs.analyses.masking import (
     DEFAULT_COUNTS,
@@ -25,7 +25,7 @@ from ipbench.runs.analyses.masking import (
     mask_images,
 )
 from ipbench.runs.context import RunSpec
-from ipbench.runs.loop import Accuracy, Job, Transform
+from ipbench.runs.loop import Accuracy, Job, Predictions, Transform
 from ipbench.runs.plan import BASELINE, config, variant
 from ipbench.runs.progress import Progress
 
@@ -89,8 +89,8 @@ def run(spec: RunSpec, out: Path, policies: list[Policy], counts: list[int] | No
                 outcome.rows.append(done[keys[c]])
                 outcome.resumed += 1
                 continue
-            acc = Accuracy()
-            run.run([Job(policy.spec, model, [acc], transform=masker(c, placement, fill, seed, patch))],
+            acc, records = Accuracy(), Predictions()
+            run.run([Job(policy.spec, model, [acc, records], transform=masker(c, placement, fill, seed, patch))],
                     f"{policy.label()} · {c} masks")
             res = acc.result
             row = {
@@ -104,6 +104,8 @@ def run(spec: RunSpec, out: Path, policies: list[Policy], counts: list[int] | No
                 "correct1": res.correct1,
                 "correct5": res.correct5,
             }
+            if run.ctx.world.main:  # the per-image records first: a row always has its file
+                write_predictions(csv_path.parent, keys[c], *records.records())
             run.write(csv_path, row, ROBUSTNESS_COLUMNS)
             outcome.rows.append(row)
             outcome.measured += 1
