@@ -106,3 +106,45 @@ def visualize_cmd(
     prepare_out(png.parent)
     groups = token_groups(run, image, policy, layer)
     typer.echo(f"figure: {save_groups(groups.image, groups.layouts, groups.patch, groups.title, png)}")
+
+
+@app.command("compare")
+@handle_errors
+def compare_cmd(
+    folder: ResultsArg = Path("results"),
+    a: Annotated[str | None, typer.Option("--a", help="Row A: a reducer label or spec (e.g. 'tome:r=8').")] = None,
+    b: Annotated[str | None, typer.Option("--b", help="Row B, compared with A on the same images.")] = None,
+    source: Annotated[str, typer.Option("--from", help="The CSV whose rows are compared: sweep or eval.")] = "sweep",
+) -> None:
+    """Which differences are real: paired comparisons of rows measured on the same images.
+
+    From the per-image records (FOLDER/predictions/): McNemar's exact test on the images where the two
+    disagree, a paired bootstrap interval of the top-1 difference, Wilson intervals of each top-1, and
+    the smallest difference this data resolves (80 % power). Without --a/--b: every reducer against the
+    baseline, and every two reducers at the same keep rate. Writes FOLDER/compare.csv.
+    """
+    import pandas as pd
+
+    from ipbench.cli.display import paper_console, paper_table
+    from ipbench.plots.compare import compare_folder, pair_record, verdict
+
+    pairs = compare_folder(folder, source, a, b)
+    records = [pair_record(p) for p in pairs]
+    t = paper_table(f"compare: {source}.csv of {folder}", ["a", "b", "images", "top-1 a [95 % CI]",
+                    "top-1 b [95 % CI]", "b - a [95 % CI]", "a only / b only", "McNemar"],
+                    "CI of a top-1: Wilson; of a difference: paired bootstrap over images (2000 resamples); "
+                    "McNemar: exact, two-sided, on the discordant images; not significant at p >= 0.05.")
+    for pair, r in zip(pairs, records):
+        t.add_row(r["a"], r["b"], str(r["images"]),
+                  f"{r['top1_a']:.1f} [{r['top1_a_low']:.1f}, {r['top1_a_high']:.1f}]",
+                  f"{r['top1_b']:.1f} [{r['top1_b_low']:.1f}, {r['top1_b_high']:.1f}]",
+                  f"{r['diff']:+.1f} [{r['diff_low']:+.1f}, {r['diff_high']:+.1f}]",
+                  f"{r['a_only']} / {r['b_only']}", verdict(pair.result))
+    paper_console().print(t)
+    smallest = min(r["min_detectable"] for r in records)
+    largest = max(r["min_detectable"] for r in records)
+    typer.echo(f"resolvable with these images (80 % power, McNemar at 0.05): differences of {smallest:.1f} to "
+               f"{largest:.1f} points, depending on how often the two rows disagree")
+    path = folder / "compare.csv"
+    pd.DataFrame(records).to_csv(path, index=False)
+    typer.echo(f"{len(records)} comparison(s) written to {path}")

@@ -72,6 +72,9 @@ SWEEP_CORE = ("reducer_spec", "keep_rate", "gmacs", "gmacs_ratio", "tokens_per_l
 EVAL_CORE = ("reducer", "skipped_images", "correct1", "tokens_per_layer")
 
 
+# CSVs ipbench writes that are not measurements (derived from them): never read as result tables
+NOT_RESULTS = frozenset({"compare.csv"})
+
 def _kind_of(path: Path, columns: list[str]) -> str | None:
     if path.stem in KINDS:
         return path.stem
@@ -95,6 +98,8 @@ def read_folder(folder: str | os.PathLike) -> tuple[list[ResultTable], list[str]
     tables: list[ResultTable] = []
     notes: list[str] = []
     for path in sorted(Path(folder).glob("*.csv")):
+        if path.name in NOT_RESULTS:
+            continue
         try:
             df = read_rows(path)
         except pd.errors.EmptyDataError:

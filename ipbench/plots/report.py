@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ipbench.errors import UserError
 from ipbench.plots.frames import (
     QUALIFIERS,
     SWEEP_KINDS,
@@ -290,6 +291,34 @@ def _rel(path: Path, folder: Path) -> str:
         return path.resolve().as_posix()
 
 
+def _comparison_lines(folder: Path, stem: str) -> list[str]:
+    """'Which differences are real' under a sweep or eval table whose rows have per-image records."""
+    import pandas as pd
+
+    from ipbench.plots.compare import COMPARABLE, compare_folder, pair_record, verdict
+
+    if stem not in COMPARABLE:
+        return []
+    try:
+        pairs = compare_folder(folder, stem)
+    except UserError:  # no records (rows of an older ipbench), or nothing to pair
+        return []
+    rows = []
+    for pair in pairs:
+        r = pair_record(pair)
+        rows.append({"a": r["a"], "b": r["b"], "images": r["images"],
+                     "top-1 a [95 % CI]": f"{r['top1_a']:.1f} [{r['top1_a_low']:.1f}, {r['top1_a_high']:.1f}]",
+                     "top-1 b [95 % CI]": f"{r['top1_b']:.1f} [{r['top1_b_low']:.1f}, {r['top1_b_high']:.1f}]",
+                     "b - a [95 % CI]": f"{r['diff']:+.1f} [{r['diff_low']:+.1f}, {r['diff_high']:+.1f}]",
+                     "a only / b only": f"{r['a_only']} / {r['b_only']}", "McNemar": verdict(pair.result)})
+    resolvable = [pair.result.min_detectable for pair in pairs]
+    return ["### Which differences are real", "", markdown_table(pd.DataFrame(rows)), "",
+            "Paired on the same images (`ipbench compare`): McNemar's exact test on the images where the two "
+            "rows disagree; intervals: Wilson (a top-1), paired bootstrap over images (a difference). "
+            f"With these images, differences of {min(resolvable):.1f} to {max(resolvable):.1f} points are "
+            "resolvable at 80 % power.", ""]
+
+
 def render_report(folder: Path, tables: list[ResultTable], notes: list[str],
                   figures: dict[str, list[Path]] | None, command: str) -> str:
     """The text of REPORT.md."""
@@ -314,6 +343,7 @@ def render_report(folder: Path, tables: list[ResultTable], notes: list[str],
                 lines += [caption, ""]
         except (KeyError, ValueError, TypeError) as exc:
             lines += [f"(no table: {type(exc).__name__}: {' '.join(str(exc).split())[:100]})", ""]
+        lines += _comparison_lines(folder, table.path.stem)
         pngs = figures.get(name, []) if figures is not None else _existing_figures(folder, table.path.stem)
         for png in pngs:
             lines += [f"![{png.stem}]({_rel(png, folder)})", ""]

@@ -1,0 +1,107 @@
+"""`ipbench compare`: which differences between rows of a results folder are real.
+
+Two rows are compared on their per-image records (``OUT/predictions/<config_key>.csv.gz``), which
+must hold the same images with the same labels in the same order (same model, data and image
+count); see `ipbench.stats` for the test, the intervals and the resolvable difference.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ipbench import results, stats
+from ipbench.errors import UserError
+
+COMPARABLE = ("eval", "sweep")  # the CSVs whose rows compare one to one (robustness: per mask count)
+SAME_IMAGES = ("model", "data", "num_images")  # rows compared must agree on these
+
+
+@dataclass(frozen=True)
+class Pair:
+    a: dict[str, Any]
+    b: dict[str, Any]
+    result: stats.Comparison
+
+
+def _label(row: dict[str, Any]) -> str:
+    return str(row.get("reducer_label") or row.get("reducer_spec") or row.get("reducer"))
+
+
+def _matches(row: dict[str, Any], spec: str) -> bool:
+    return spec in {str(row.get("reducer_label", "")), str(row.get("reducer_spec", "")), str(row.get("reducer", ""))}
+
+
+def _correct(folder: Path, row: dict[str, Any]) -> Any:
+    import pandas as pd
+
+    path = results.predictions_path(folder, str(row["config_key"]))
+    if not path.exists():
+        raise UserError(f"{_label(row)}: no per-image records ({path}); rerun it with this ipbench to compare it")
+    frame = pd.read_csv(path)
+    return frame["label"].to_numpy(), frame["correct1"].fillna(0).astype(bool).to_numpy()
+
+
+def compare_folder(folder: str | os.PathLike, command: str = "sweep", a: str | None = None,
+                   b: str | None = None) -> list[Pair]:
+    """Pairs of rows of FOLDER/<command>.csv and their comparison: `a` against `b` where both are
+    given, else every reducer against the baseline (``none``) and, at each keep rate, every two reducers."""
+    if command not in COMPARABLE:
+        raise UserError(f"unknown --from {command!r}; valid: {', '.join(COMPARABLE)}")
+    if (a is None) != (b is None):
+        raise UserError("--a and --b go together (or give neither: every reducer against the baseline)")
+    root = Path(folder)
+    frame = results.read_rows(root / f"{command}.csv")
+    if frame.empty or "correct1" not in frame.columns:
+        raise UserError(f"{root / f'{command}.csv'}: no rows to compare")
+    rows = [r for r in results.latest(frame).to_dict("records") if str(r.get("correct1", "")) not in ("", "nan")]
+    todo: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    for group in _groups(rows):
+        if a is not None and b is not None:
+            todo += [(x, y) for x in group if _matches(x, a) for y in group if _matches(y, b)]
+            continue
+        base = [r for r in group if r.get("reducer") == "none"]
+        others = [r for r in group if r.get("reducer") != "none"]
+        todo += [(base[0], r) for r in others] if base else []
+        by_keep: dict[str, list[dict[str, Any]]] = {}
+        for r in others:
+            by_keep.setdefault(str(r.get("keep_rate", "")), []).append(r)
+        todo += [(x, y) for keep, same in by_keep.items() if keep not in ("", "nan")
+                 for i, x in enumerate(same) for y in same[i + 1:]]
+    if not todo:
+        wanted = f"rows {a!r} and {b!r}" if a is not None else "a reducer and the baseline"
+        raise UserError(f"{root / f'{command}.csv'}: no {wanted} measured on the same images")
+    out = []
+    for x, y in todo:
+        (labels_x, cx), (labels_y, cy) = _correct(root, x), _correct(root, y)
+        if len(labels_x) != len(labels_y) or (labels_x != labels_y).any():
+            raise UserError(f"{_label(x)} and {_label(y)}: their records are not of the same images")
+        out.append(Pair(x, y, stats.compare(cx, cy)))
+    return out
+
+
+def _groups(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Rows measured on the same images (same model, data and image count), in file order."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(str(r.get(c, "")) for c in SAME_IMAGES), []).append(r)
+    return list(groups.values())
+
+
+def verdict(result: stats.Comparison) -> str:
+    return f"p={result.p_value:.3g}" + ("" if result.significant else " (not significant)")
+
+
+def pair_record(pair: Pair) -> dict[str, Any]:
+    """One line of compare.csv."""
+    r = pair.result
+    lo_a, hi_a = stats.interval(round(r.top1_a * r.n / 100), r.n)
+    lo_b, hi_b = stats.interval(round(r.top1_b * r.n / 100), r.n)
+    return {"a": _label(pair.a), "b": _label(pair.b), "images": r.n,
+            "top1_a": round(r.top1_a, 3), "top1_a_low": round(lo_a, 3), "top1_a_high": round(hi_a, 3),
+            "top1_b": round(r.top1_b, 3), "top1_b_low": round(lo_b, 3), "top1_b_high": round(hi_b, 3),
+            "diff": round(r.diff, 3), "diff_low": round(r.diff_low, 3), "diff_high": round(r.diff_high, 3),
+            "a_only": r.a_only, "b_only": r.b_only, "p_mcnemar": round(r.p_value, 6),
+            "significant": r.significant, "min_detectable": round(r.min_detectable, 3)}
