@@ -70,6 +70,25 @@ def test_ipbench_compare_on_real_records(tmp_path: Path, checkpoint_path: Path, 
     text = (tmp_path / "REPORT.md").read_text()
     section = text.split("### Which differences are real", 1)[1].split("\n\n", 2)[1]
     assert [line.split("|")[1].strip() for line in section.splitlines()[2:]] == ["none", "none", "tome:r=11"]
-    assert all("| p=" in line for line in section.splitlines()[2:]) and "compare.csv" not in text  # compare.csv is no result table
+    assert all("| p=" in line for line in section.splitlines()[2:])
+    assert "compare.csv" not in text  # compare.csv is no result table
     bad = runner.invoke(app, ["compare", str(tmp_path), "--a", "tome:r=11"])
     assert bad.exit_code == 2 and "--a and --b go together" in bad.stderr
+
+
+def test_the_default_pairs_are_what_a_reader_of_a_sweep_asks() -> None:
+    from ipbench.plots.compare import _default_pairs
+
+    def row(key: str, reducer: str, line: str, keep: object, gmacs: float) -> dict[str, object]:
+        return {"config_key": key, "reducer": reducer, "reducer_line": line, "keep_rate": keep, "gmacs": gmacs}
+
+    rows = [row("b", "none", "none", "", 1.258), row("t8", "tome", "tome", "", 0.932),
+            row("t11", "tome", "tome", "", 0.814), row("e7", "evit", "evit", 0.7, 0.824),
+            row("i8", "imagepiece", "imagepiece", 0.8, 0.811), row("i7", "imagepiece", "imagepiece", 0.7, 0.70)]
+    pairs = [(x["config_key"], y["config_key"]) for x, y in _default_pairs(rows)]
+    assert pairs[:5] == [("b", "t8"), ("b", "t11"), ("b", "e7"), ("b", "i8"), ("b", "i7")]  # the baseline first
+    assert ("t11", "e7") in pairs and ("e7", "i8") in pairs  # within 5 % of each other's GMACs
+    assert ("e7", "i7") in pairs  # the same keep rate
+    assert ("t8", "t11") in pairs and ("i8", "i7") in pairs  # neighbouring settings of one reducer
+    assert ("t8", "e7") not in pairs  # 0.932 vs 0.824 GMACs: not comparable cost
+    assert len(pairs) == len(set(pairs))

@@ -47,7 +47,7 @@ def _correct(folder: Path, row: dict[str, Any]) -> Any:
 def compare_folder(folder: str | os.PathLike, command: str = "sweep", a: str | None = None,
                    b: str | None = None) -> list[Pair]:
     """Pairs of rows of FOLDER/<command>.csv and their comparison: `a` against `b` where both are
-    given, else every reducer against the baseline (``none``) and, at each keep rate, every two reducers."""
+    given, else the default pairs (`_default_pairs`)."""
     if command not in COMPARABLE:
         raise UserError(f"unknown --from {command!r}; valid: {', '.join(COMPARABLE)}")
     if (a is None) != (b is None):
@@ -62,14 +62,7 @@ def compare_folder(folder: str | os.PathLike, command: str = "sweep", a: str | N
         if a is not None and b is not None:
             todo += [(x, y) for x in group if _matches(x, a) for y in group if _matches(y, b)]
             continue
-        base = [r for r in group if r.get("reducer") == "none"]
-        others = [r for r in group if r.get("reducer") != "none"]
-        todo += [(base[0], r) for r in others] if base else []
-        by_keep: dict[str, list[dict[str, Any]]] = {}
-        for r in others:
-            by_keep.setdefault(str(r.get("keep_rate", "")), []).append(r)
-        todo += [(x, y) for keep, same in by_keep.items() if keep not in ("", "nan")
-                 for i, x in enumerate(same) for y in same[i + 1:]]
+        todo += _default_pairs(group)
     if not todo:
         wanted = f"rows {a!r} and {b!r}" if a is not None else "a reducer and the baseline"
         raise UserError(f"{root / f'{command}.csv'}: no {wanted} measured on the same images")
@@ -79,6 +72,46 @@ def compare_folder(folder: str | os.PathLike, command: str = "sweep", a: str | N
         if len(labels_x) != len(labels_y) or (labels_x != labels_y).any():
             raise UserError(f"{_label(x)} and {_label(y)}: their records are not of the same images")
         out.append(Pair(x, y, stats.compare(cx, cy)))
+    return out
+
+
+GMACS_MATCH = 0.05  # two reducers within 5 % of each other's GMACs are compared as "about equal cost"
+
+
+def _default_pairs(group: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The comparisons a reader of a sweep asks for, each pair once, in row order: every reducer
+    against the baseline; two reducers at the same keep rate or GMACs budget, or within GMACS_MATCH
+    of each other's GMACs; and neighbouring settings of one reducer (tome:r=8 against tome:r=11)."""
+    def num(r: dict[str, Any], col: str) -> float | None:
+        try:
+            v = float(r.get(col, ""))
+        except (TypeError, ValueError):
+            return None
+        return None if v != v else v
+
+    base = [r for r in group if r.get("reducer") == "none"]
+    others = [r for r in group if r.get("reducer") != "none"]
+    pairs = [(base[0], r) for r in others] if base else []
+    for i, x in enumerate(others):
+        for y in others[i + 1:]:
+            same_knob = any(num(x, c) is not None and num(x, c) == num(y, c) for c in ("keep_rate", "gmacs_budget"))
+            gx, gy = num(x, "gmacs"), num(y, "gmacs")
+            close = gx is not None and gy is not None and x.get("reducer") != y.get("reducer") \
+                and abs(gx - gy) <= GMACS_MATCH * max(gx, gy)
+            if same_knob or close:
+                pairs.append((x, y))
+    lines: dict[str, list[dict[str, Any]]] = {}
+    for r in others:
+        lines.setdefault(str(r.get("reducer_line") or r.get("reducer")), []).append(r)
+    for rows in lines.values():
+        pairs += list(zip(rows, rows[1:]))
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for x, y in pairs:
+        key = (str(x["config_key"]), str(y["config_key"]))
+        if key not in seen and key[::-1] not in seen:
+            seen.add(key)
+            out.append((x, y))
     return out
 
 
