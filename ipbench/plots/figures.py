@@ -54,6 +54,21 @@ def _fmt_tokens(v: float) -> str:
     return str(int(v)) if v == v else "?"
 
 
+def _top1_interval(df: pd.DataFrame) -> list[pd.Series] | None:
+    """Vertical bars: the 95 % Wilson interval of each top-1 from its counts (None without counts)."""
+    import pandas as pd
+
+    from ipbench.stats import interval
+
+    if not has_values(df, "correct1", "num_images"):
+        return None
+    bounds = [interval(int(c), int(n)) if c == c and n == n and n > 0 else (float("nan"), float("nan"))
+              for c, n in zip(numeric(df, "correct1"), numeric(df, "num_images"))]
+    lo = pd.Series([b[0] for b in bounds], index=df.index)
+    hi = pd.Series([b[1] for b in bounds], index=df.index)
+    return [(df["_y"] - lo).clip(lower=0).fillna(0), (hi - df["_y"]).clip(lower=0).fillna(0)]
+
+
 def fig_accuracy_vs(df: pd.DataFrame, x: str, xlabel: str, what: str, hardware: bool) -> Figure | None:
     """Top-1 against a cost or speed column, one line per reducer, the baseline as reference."""
     if not has_values(df, "top1", x):
@@ -71,7 +86,8 @@ def fig_accuracy_vs(df: pd.DataFrame, x: str, xlabel: str, what: str, hardware: 
         if lo_col and has_values(sub, lo_col, hi_col):
             lo, hi = numeric(sub, lo_col), numeric(sub, hi_col)
             xerr = [(sub["_x"] - lo).clip(lower=0).fillna(0), (hi - sub["_x"]).clip(lower=0).fillna(0)]
-        ax.errorbar(sub["_x"], sub["_y"], xerr=xerr, label=str(label), capsize=2, markersize=5, **st)
+        ax.errorbar(sub["_x"], sub["_y"], xerr=xerr, yerr=_top1_interval(sub), label=str(label), capsize=2,
+                    markersize=5, **st)
         for xv, yv, full, line in zip(sub["_x"], sub["_y"], sub["_full"], sub["_label"]):
             rate = rate_text(full, line).replace("keep=", "")  # '0.7', or ToMe's 'r=13'
             if rate:
@@ -87,7 +103,8 @@ def fig_accuracy_vs(df: pd.DataFrame, x: str, xlabel: str, what: str, hardware: 
     ax.legend(fontsize=8, loc="best")
     extra = hardware_summary(df) if hardware else ""
     _title(ax, what, df, extra)
-    ax.text(0.99, 0.01, "point labels: keep rate (ToMe: r)", transform=ax.transAxes, ha="right", va="bottom",
+    ax.text(0.99, 0.01, "point labels: keep rate (ToMe: r); bars: 95 % Wilson interval", transform=ax.transAxes,
+            ha="right", va="bottom",
             fontsize=7, color="gray")
     if x == "gmacs" and "flop_counter" in df.columns:
         counters = ", ".join(_values(df, "flop_counter"))
