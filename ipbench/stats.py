@@ -70,15 +70,27 @@ class Comparison:
     """Configuration b against configuration a on the same images (numbers in percent/points)."""
 
     n: int
-    top1_a: float
-    top1_b: float
+    correct_a: int  # images a gets right (top-1)
+    correct_b: int
     a_only: int  # images a gets right and b wrong
     b_only: int
     p_value: float
-    diff: float  # top1_b - top1_a
-    diff_low: float
+    diff_low: float  # paired bootstrap interval of top1_b - top1_a
     diff_high: float
     min_detectable: float
+
+    @property
+    def top1_a(self) -> float:
+        return 100.0 * self.correct_a / self.n
+
+    @property
+    def top1_b(self) -> float:
+        return 100.0 * self.correct_b / self.n
+
+    @property
+    def diff(self) -> float:
+        """top1_b - top1_a, in points."""
+        return self.top1_b - self.top1_a
 
     @property
     def significant(self) -> bool:
@@ -94,6 +106,6 @@ def compare(correct_a: np.ndarray, correct_b: np.ndarray) -> Comparison:
     n = len(a)
     a_only, b_only = int((a & ~b).sum()), int((b & ~a).sum())
     low, high = paired_bootstrap(a, b)
-    return Comparison(n=n, top1_a=100.0 * a.mean(), top1_b=100.0 * b.mean(), a_only=a_only, b_only=b_only,
-                      p_value=mcnemar_exact(a_only, b_only), diff=100.0 * (b.mean() - a.mean()), diff_low=low,
-                      diff_high=high, min_detectable=min_detectable(n, a_only + b_only))
+    return Comparison(n=n, correct_a=int(a.sum()), correct_b=int(b.sum()), a_only=a_only, b_only=b_only,
+                      p_value=mcnemar_exact(a_only, b_only), diff_low=low, diff_high=high,
+                      min_detectable=min_detectable(n, a_only + b_only))

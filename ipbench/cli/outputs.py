@@ -126,25 +126,20 @@ def compare_cmd(
     import pandas as pd
 
     from ipbench.cli.display import paper_console, paper_table
-    from ipbench.plots.compare import compare_folder, pair_record, verdict
+    from ipbench.plots.compare import compare_folder, pair_record, resolvable, shown_rows
 
     pairs = compare_folder(folder, source, a, b)
-    records = [pair_record(p) for p in pairs]
-    t = paper_table(f"compare: {source}.csv of {folder}", ["a", "b", "images", "top-1 a [95 % CI]",
-                    "top-1 b [95 % CI]", "b - a [95 % CI]", "a only / b only", "McNemar"],
+    shown = shown_rows(pairs)
+    t = paper_table(f"compare: {source}.csv of {folder}", list(shown[0]),
                     "CI of a top-1: Wilson; of a difference: paired bootstrap over images (2000 resamples); "
                     "McNemar: exact, two-sided, on the discordant images; not significant at p >= 0.05.")
-    for pair, r in zip(pairs, records):
-        t.add_row(r["a"], r["b"], str(r["images"]),
-                  f"{r['top1_a']:.1f} [{r['top1_a_low']:.1f}, {r['top1_a_high']:.1f}]",
-                  f"{r['top1_b']:.1f} [{r['top1_b_low']:.1f}, {r['top1_b_high']:.1f}]",
-                  f"{r['diff']:+.1f} [{r['diff_low']:+.1f}, {r['diff_high']:+.1f}]",
-                  f"{r['a_only']} / {r['b_only']}", verdict(pair.result))
+    for cells in shown:
+        t.add_row(*(str(v) for v in cells.values()))
     paper_console().print(t)
-    smallest = min(r["min_detectable"] for r in records)
-    largest = max(r["min_detectable"] for r in records)
-    typer.echo(f"resolvable with these images (80 % power, McNemar at 0.05): differences of {smallest:.1f} to "
-               f"{largest:.1f} points, depending on how often the two rows disagree")
+    low, high = resolvable(pairs)
+    typer.echo(f"resolvable with these images (80 % power, McNemar at 0.05): differences of {low:.1f} to "
+               f"{high:.1f} points, depending on how often the two rows disagree")
+    records = [pair_record(p) for p in pairs]
     path = folder / "compare.csv"
     pd.DataFrame(records).to_csv(path, index=False)
     typer.echo(f"{len(records)} comparison(s) written to {path}")

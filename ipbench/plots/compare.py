@@ -66,9 +66,17 @@ def compare_folder(folder: str | os.PathLike, command: str = "sweep", a: str | N
     if not todo:
         wanted = f"rows {a!r} and {b!r}" if a is not None else "a reducer and the baseline"
         raise UserError(f"{root / f'{command}.csv'}: no {wanted} measured on the same images")
+    records: dict[str, Any] = {}  # each file read once: the baseline is in many pairs
+
+    def correct(row: dict[str, Any]) -> Any:
+        key = str(row["config_key"])
+        if key not in records:
+            records[key] = _correct(root, row)
+        return records[key]
+
     out = []
     for x, y in todo:
-        (labels_x, cx), (labels_y, cy) = _correct(root, x), _correct(root, y)
+        (labels_x, cx), (labels_y, cy) = correct(x), correct(y)
         if len(labels_x) != len(labels_y) or (labels_x != labels_y).any():
             raise UserError(f"{_label(x)} and {_label(y)}: their records are not of the same images")
         out.append(Pair(x, y, stats.compare(cx, cy)))
@@ -130,11 +138,30 @@ def verdict(result: stats.Comparison) -> str:
 def pair_record(pair: Pair) -> dict[str, Any]:
     """One line of compare.csv."""
     r = pair.result
-    lo_a, hi_a = stats.interval(round(r.top1_a * r.n / 100), r.n)
-    lo_b, hi_b = stats.interval(round(r.top1_b * r.n / 100), r.n)
+    lo_a, hi_a = stats.interval(r.correct_a, r.n)
+    lo_b, hi_b = stats.interval(r.correct_b, r.n)
     return {"a": _label(pair.a), "b": _label(pair.b), "images": r.n,
             "top1_a": round(r.top1_a, 3), "top1_a_low": round(lo_a, 3), "top1_a_high": round(hi_a, 3),
             "top1_b": round(r.top1_b, 3), "top1_b_low": round(lo_b, 3), "top1_b_high": round(hi_b, 3),
             "diff": round(r.diff, 3), "diff_low": round(r.diff_low, 3), "diff_high": round(r.diff_high, 3),
             "a_only": r.a_only, "b_only": r.b_only, "p_mcnemar": round(r.p_value, 6),
             "significant": r.significant, "min_detectable": round(r.min_detectable, 3)}
+
+
+def shown_rows(pairs: list[Pair]) -> list[dict[str, Any]]:
+    """The comparison table as it is shown (the terminal's and REPORT.md's): one dict per pair."""
+    out = []
+    for pair in pairs:
+        r = pair_record(pair)
+        out.append({"a": r["a"], "b": r["b"], "images": r["images"],
+                    "top-1 a [95 % CI]": f"{r['top1_a']:.1f} [{r['top1_a_low']:.1f}, {r['top1_a_high']:.1f}]",
+                    "top-1 b [95 % CI]": f"{r['top1_b']:.1f} [{r['top1_b_low']:.1f}, {r['top1_b_high']:.1f}]",
+                    "b - a [95 % CI]": f"{r['diff']:+.1f} [{r['diff_low']:+.1f}, {r['diff_high']:+.1f}]",
+                    "a only / b only": f"{r['a_only']} / {r['b_only']}", "McNemar": verdict(pair.result)})
+    return out
+
+
+def resolvable(pairs: list[Pair]) -> tuple[float, float]:
+    """The smallest and largest difference (points) the pairs resolve at stats.POWER."""
+    values = [pair.result.min_detectable for pair in pairs]
+    return min(values), max(values)

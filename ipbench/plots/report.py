@@ -295,7 +295,7 @@ def _comparison_lines(folder: Path, stem: str) -> list[str]:
     """'Which differences are real' under a sweep or eval table whose rows have per-image records."""
     import pandas as pd
 
-    from ipbench.plots.compare import COMPARABLE, compare_folder, pair_record, verdict
+    from ipbench.plots.compare import COMPARABLE, compare_folder, resolvable, shown_rows
 
     if stem not in COMPARABLE:
         return []
@@ -303,19 +303,11 @@ def _comparison_lines(folder: Path, stem: str) -> list[str]:
         pairs = compare_folder(folder, stem)
     except UserError:  # no records (rows of an older ipbench), or nothing to pair
         return []
-    rows = []
-    for pair in pairs:
-        r = pair_record(pair)
-        rows.append({"a": r["a"], "b": r["b"], "images": r["images"],
-                     "top-1 a [95 % CI]": f"{r['top1_a']:.1f} [{r['top1_a_low']:.1f}, {r['top1_a_high']:.1f}]",
-                     "top-1 b [95 % CI]": f"{r['top1_b']:.1f} [{r['top1_b_low']:.1f}, {r['top1_b_high']:.1f}]",
-                     "b - a [95 % CI]": f"{r['diff']:+.1f} [{r['diff_low']:+.1f}, {r['diff_high']:+.1f}]",
-                     "a only / b only": f"{r['a_only']} / {r['b_only']}", "McNemar": verdict(pair.result)})
-    resolvable = [pair.result.min_detectable for pair in pairs]
-    return ["### Which differences are real", "", markdown_table(pd.DataFrame(rows)), "",
+    low, high = resolvable(pairs)
+    return ["### Which differences are real", "", markdown_table(pd.DataFrame(shown_rows(pairs))), "",
             "Paired on the same images (`ipbench compare`): McNemar's exact test on the images where the two "
             "rows disagree; intervals: Wilson (a top-1), paired bootstrap over images (a difference). "
-            f"With these images, differences of {min(resolvable):.1f} to {max(resolvable):.1f} points are "
+            f"With these images, differences of {low:.1f} to {high:.1f} points are "
             "resolvable at 80 % power.", ""]
 
 

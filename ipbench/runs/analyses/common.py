@@ -23,7 +23,7 @@ from ipbench.errors import UserError
 from ipbench.reducers import Policy
 from ipbench.reducers.trace import Trace, get_trace
 from ipbench.runs.context import RunContext, RunSpec, open_run
-from ipbench.runs.loop import Forward, Job, Merged, run_jobs
+from ipbench.runs.loop import Forward, Job, Merged, Predictions, run_jobs
 from ipbench.runs.plan import BASELINE, Config, config, is_vit, variant
 from ipbench.runs.progress import Progress, Silent
 
@@ -64,9 +64,13 @@ class AnalysisRun:
         """The fields every analysis row carries (who, on what, with which reducer, where)."""
         return {**self.ctx.row_fields(), "config_key": key, "num_images": self.num_images, **cfg.fields()}
 
-    def write(self, csv_path: Path, row: dict[str, Any], columns: list[str]) -> None:
-        """Append one row (rank 0 only: under torchrun every rank holds the same totals)."""
+    def write(self, csv_path: Path, row: dict[str, Any], columns: list[str], records: Predictions | None = None
+              ) -> None:
+        """Append one row, after its per-image `records` if it has them, so that a row always has its
+        file (rank 0 only: under torchrun every rank holds the same totals)."""
         if self.ctx.world.main:
+            if records is not None:
+                results.write_predictions(csv_path.parent, row["config_key"], *records.records())
             results.append_row(csv_path, row, columns)
 
     def run(self, jobs: list[Job], description: str) -> None:

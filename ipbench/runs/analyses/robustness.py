@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ipbench.errors import UserError
 from ipbench.reducers import Policy
-from ipbench.results import ROBUSTNESS_COLUMNS, cell, write_predictions
+from ipbench.results import ROBUSTNESS_COLUMNS, cell
 from ipbench.runs.analyses import common
 from ipbench.runs.analyses.masking import (
     DEFAULT_COUNTS,
@@ -104,9 +104,7 @@ def run(spec: RunSpec, out: Path, policies: list[Policy], counts: list[int] | No
                 "correct1": res.correct1,
                 "correct5": res.correct5,
             }
-            if run.ctx.world.main:  # the per-image records first: a row always has its file
-                write_predictions(csv_path.parent, keys[c], *records.records())
-            run.write(csv_path, row, ROBUSTNESS_COLUMNS)
+            run.write(csv_path, row, ROBUSTNESS_COLUMNS, records)
             outcome.rows.append(row)
             outcome.measured += 1
     return outcome
