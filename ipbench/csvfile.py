@@ -25,8 +25,9 @@ from __future__ import annotations
 import csv
 import io
 import os
+import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +42,19 @@ def _csv_line(values: list[Any]) -> str:
     return buf.getvalue()
 
 
-class DamagedRows(UserWarning):
+class FileNotice(UserWarning):
+    """Something ipbench did to a result file that the user must hear of (one line each)."""
+
+
+class DamagedRows(FileNotice):
     """A result CSV had damaged rows: its tail was moved to ``<name>.csv.damaged``, or rows were skipped."""
+
+
+class UpgradedColumns(FileNotice):
+    """A result CSV of an older ipbench gained the columns added since; the old file was kept beside it."""
+
+
+Derive = Callable[[dict[str, str], list[str]], dict[str, Any]]  # (old row, missing columns) -> their values
 
 
 LOCK_TIMEOUT_S = 600.0  # an append holds the lock for milliseconds; this long means a stuck holder
@@ -302,14 +314,58 @@ def _skipped_message(file: Path, bad: list[tuple[int, int, int, str]]) -> str:
             "left in the file (fix or delete it by hand)")
 
 
-def check_file(path: Path, columns: list[str]) -> None:
-    """Before anything is measured: refuse a CSV with other columns, move a damaged tail aside (a
+def old_path(file: str | os.PathLike) -> Path:
+    """Where `check_file` keeps a CSV of older columns before upgrading it: ``<name>.csv.old``
+    (``.old2``, ``.old3``, ... when that exists)."""
+    path = Path(file)
+    n = 1
+    while (target := path.with_name(path.name + (".old" if n == 1 else f".old{n}"))).exists():
+        n += 1
+    return target
+
+
+def _upgrade(file: Path, scan: _Scan, columns: list[str], derive: Derive) -> str:
+    """Rewrite `file` (the lock held) with `columns`: every old row keeps its cells and gains the
+    missing columns' values from `derive`; the old file is kept as `old_path`. The new file is
+    written beside it and renamed, so a crash leaves the old or the new file, never half of one."""
+    assert scan.header is not None
+    missing = [c for c in columns if c not in scan.header]
+    rows = []
+    for fields in scan.rows:
+        old = dict(zip(scan.header, fields))
+        new = {**old, **{c: "" for c in missing}, **derive(old, missing)}
+        rows.append([new.get(c, "") for c in columns])
+    kept = old_path(file)
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    tmp.write_text(as_text(columns, rows), encoding="utf-8")
+    shutil.copy2(file, kept)  # the old file stays whole under its new name
+    os.replace(tmp, file)
+    dropped = f"; {_plural(len(scan.bad), 'damaged row')} left out (kept in {kept.name})" if scan.bad else ""
+    return (f"{file}: written by an older ipbench; {_plural(len(rows), 'row')} gained the columns "
+            f"{', '.join(missing)} (computed from their own cells){dropped}; the old file is kept as {kept.name}")
+
+
+def _upgradable(header: list[str] | None, columns: list[str], added: frozenset[str]) -> bool:
+    """An older schema: the header is `columns` in the same order without some of the `added` ones."""
+    if header is None or header == columns:
+        return False
+    return [c for c in columns if c not in added or c in header] == header
+
+
+def check_file(path: Path, columns: list[str], derive: Derive | None = None,
+               added: frozenset[str] = frozenset()) -> None:
+    """Before anything is measured: refuse a CSV with other columns (or, given `derive`, upgrade one
+    of an older schema, `columns` without some of those `added` since, with an `UpgradedColumns`
+    warning), move a damaged tail aside (a
     `DamagedRows` warning says so, and the configurations it held are measured again), and name
     damaged rows in the middle in a `DamagedRows` warning (left in place; readers skip them)."""
     if not path.exists():
         return
     with _locked(path):
         scan = _scan(path)
+        if derive is not None and not scan.unreadable and _upgradable(scan.header, columns, added):
+            warnings.warn(_upgrade(path, scan, columns, derive), UpgradedColumns, stacklevel=3)
+            return
         _refuse_unreadable(path, scan, columns)
         message = _repair(path, scan)
     tail = scan.tail()

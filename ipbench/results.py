@@ -3,7 +3,9 @@
 Every command appends to ``<out>/<command>.csv``. A row is written in one ``write`` followed by
 flush + fsync, so an interrupted run normally leaves complete rows only and can resume where it stopped.
 
-The file layer (well-formed rows, damaged tails, the writers' lock) is `ipbench.csvfile`.
+The file layer (well-formed rows, damaged tails, the writers' lock) is `ipbench.csvfile`; the
+columns of each file are `ipbench.schemas` (re-exported here). A file of an older schema is upgraded
+before the first row is written (`prepare_csv`, `derive_missing`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from ipbench.csvfile import (  # noqa: F401  (append_row, check_header, DamagedRows... are results' API)
     DamagedRows,
+    FileNotice,
+    UpgradedColumns,
     append_row,
     as_text,
     check_file,
@@ -29,214 +33,75 @@ from ipbench.csvfile import (  # noqa: F401  (append_row, check_header, DamagedR
     well_formed,
 )
 from ipbench.errors import UserError
+from ipbench.schemas import (  # noqa: F401  (the schemas are results' API)
+    ACCURACY_INTERVAL_COLUMNS,
+    ADDED_COLUMNS,
+    ATTENTIVENESS_COLUMNS,
+    COHERENCE_COLUMNS,
+    EVAL_COLUMNS,
+    IMPORTANCE_COLUMNS,
+    ROBUSTNESS_COLUMNS,
+    SIMILARITY_COLUMNS,
+    SPEED_DETAIL_COLUMNS,
+    SWEEP_COLUMNS,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
-
-# Columns of results/eval.csv, in order (documented in the README).
-EVAL_COLUMNS: list[str] = [
-    "timestamp",
-    "config_key",
-    "model",
-    "checkpoint",
-    "checkpoint_sha256",
-    "weights",  # checkpoint (a local file) | pretrained (timm's hub weights) | random (timm's initialisation)
-    "data",
-    "num_images",
-    "skipped_images",
-    "reducer",
-    "reducer_params",
-    "reducer_label",  # the short label tables and plots show (knob and parameters off their defaults)
-    "training_free",
-    "tokens_per_layer",
-    "final_tokens",
-    "top1",
-    "top5",
-    "correct1",
-    "correct5",
-    "device",
-    "device_name",
-    "dtype",  # the precision the model computed in: amp_dtype under autocast, else model_dtype
-    "amp_dtype",  # autocast dtype (float32 = no autocast)
-    "model_dtype",  # dtype the weights and inputs were cast to
-    "batch_size",
-    "threads",
-    "seed",
-    "torch",
-    "timm",
-    "ipbench",
-]
-
-
-# Columns of results/sweep.csv (also written by `ipbench flops` and `ipbench speed` for their own
-# files with the measurements they make; empty where a measurement was not taken).
-SWEEP_COLUMNS: list[str] = [
-    "timestamp",
-    "config_key",
-    "model",
-    "checkpoint",
-    "checkpoint_sha256",
-    "weights",
-    "data",
-    "num_images",
-    "reducer",  # reducer name ("none" for the baseline)
-    "reducer_spec",  # canonical spec with every parameter
-    "reducer_params",  # the same parameters as JSON
-    "reducer_label",  # short label: the knob and the parameters off their defaults
-    "reducer_line",  # the label without the knob: the line a row belongs to in a figure
-    "keep_rate",  # the sweep's nominal keep rate this row stands for (empty for the baseline)
-    "gmacs_budget",  # --match-gmacs target, empty otherwise
-    "training_free",
-    "tokens_per_layer",  # tokens after each block, space separated
-    "final_tokens",
-    "gmacs",  # fvcore GMACs per image (fused attention counted)
-    "gmacs_analytic",  # from the static token plan
-    "flop_counter",
-    "gmacs_ratio",  # baseline GMACs / this row's GMACs
-    "top1",
-    "top5",
-    "correct1",
-    "correct5",
-    "img_s_median",
-    "img_s_min",
-    "img_s_max",
-    "speedup_median",  # median of per-round paired ratios against the baseline of the same run
-    "speedup_min",
-    "speedup_max",
-    "batch_size",
-    "repeats",
-    "min_seconds",
-    "device",
-    "device_name",
-    "dtype",
-    "amp_dtype",
-    "model_dtype",
-    "threads",
-    "compile",
-    "seed",
-    "torch",
-    "timm",
-    "ipbench",
-]
-
-
-# The analysis CSVs (ipbench.analyses): who/what/which reducer first, then the command's own
-# columns, then where and how it ran. `layer` is a 0-indexed block, or "all" for the pooled row.
-_ANALYSIS_HEAD: list[str] = [
-    "timestamp",
-    "config_key",
-    "model",
-    "checkpoint",
-    "checkpoint_sha256",
-    "weights",
-    "data",
-    "num_images",
-    "reducer",
-    "reducer_spec",
-    "reducer_params",
-    "reducer_label",
-    "reducer_line",
-    "training_free",
-    "tokens_per_layer",
-    "final_tokens",
-]
-_ANALYSIS_TAIL: list[str] = [
-    "device",
-    "device_name",
-    "dtype",
-    "amp_dtype",
-    "model_dtype",
-    "batch_size",
-    "threads",
-    "seed",
-    "torch",
-    "timm",
-    "ipbench",
-]
-
-# results/robustness.csv: top-1 under random 16x16 masks (paper Table 4), one row per reducer and count.
-ROBUSTNESS_COLUMNS: list[str] = [
-    *_ANALYSIS_HEAD,
-    "mask_count",  # masked squares per image
-    "mask_fraction",  # mask_count / patches of the grid
-    "placement",  # patch (distinct grid cells) | free (any pixel position, may overlap)
-    "fill",  # zero (0 in normalised space) | mean (the image's channel means) | noise (N(0,1), normalised)
-    "top1",
-    "top5",
-    "correct1",
-    "correct5",
-    *_ANALYSIS_TAIL,
-]
-
-# results/similarity.csv: cosine similarity of merged pairs (paper Tables 6, 8), per block and features.
-SIMILARITY_COLUMNS: list[str] = [
-    *_ANALYSIS_HEAD,
-    "layer",
-    "features",  # metric (what the reducer matched on) | hidden (hidden states)
-    "metric",  # the matching metric's name (keys = head-mean keys, x = hidden states)
-    "pairs",  # merged | pruned (imagepiece retok=prune: the pairs that would have merged)
-    "mean_cos",
-    "std_cos",
-    "n_pairs",
-    *_ANALYSIS_TAIL,
-]
-
-# results/importance.csv: share of merged tokens in the top-p by CLS attention (paper Table 7).
-IMPORTANCE_COLUMNS: list[str] = [
-    *_ANALYSIS_HEAD,
-    "layer",
-    "top_p",  # fraction (0.3 = top 30 %)
-    "tokens",  # src (tokens merged away) | both (and their destinations)
-    "share",  # fraction of the merged tokens inside the top-p set
-    "random_share",  # the same for tokens chosen at random (the top set's size / tokens)
-    "n_top",  # merged tokens inside the top-p set
-    "n_merged",
-    *_ANALYSIS_TAIL,
-]
-
-# results/attentiveness.csv: inattentive tokens that are attentive in the next block (paper Table 5).
-ATTENTIVENESS_COLUMNS: list[str] = [
-    *_ANALYSIS_HEAD,
-    "layer",  # the re-tokenize block; attentiveness is read again in layer + 1
-    "attentive_rate",  # attentive = inside the top attentive_rate fraction by CLS attention
-    "population",  # merged (inattentive tokens that took part in a merge) | inattentive (all of them)
-    "share_became_attentive",
-    "n_became_attentive",
-    "n_inattentive",
-    *_ANALYSIS_TAIL,
-]
-
-# results/coherence.csv: ImagePiece's local-coherence ablation (paper Table 8), one row per variant.
-COHERENCE_COLUMNS: list[str] = [
-    *_ANALYSIS_HEAD,
-    "locality",  # λ of the training-free locality penalty (0 = off)
-    "retok",  # merge | prune (the control: same schedule, pairs dropped)
-    "stem",  # patch (timm's patch embedding) | conv (the learned local-coherence stem)
-    "top1",
-    "top5",
-    "correct1",
-    "correct5",
-    "gmacs",  # fvcore (+ SDPA handle) on one image
-    "gmacs_analytic",  # from the static token plan (empty for the conv stem)
-    "flop_counter",  # fvcore+sdpa, or analytic where torch.jit cannot trace the reducer
-    "sim_metric",  # mean cosine of the merged (or pruned) pairs over all blocks, matching metric
-    "sim_hidden",  # the same on hidden states
-    "sim_metric_first",  # in the first re-tokenize block only (the paper's Table 8 value)
-    "sim_hidden_first",
-    "n_pairs",
-    *_ANALYSIS_TAIL,
-]
-
 
 HASH_COLUMNS = ("config_key", "checkpoint_sha256")
 
 
 def prepare_csv(out: str | os.PathLike, command: str, columns: list[str]) -> Path:
     """OUT/<command>.csv, once the folder is known to be writable and an existing file to have these
-    columns (its damaged tail moved aside: `csvfile.check_file`), before anything is measured."""
+    columns (its damaged tail moved aside, a file of an older schema upgraded: `csvfile.check_file`
+    with `derive_missing`), before anything is measured."""
     path = prepare_out(out) / f"{command}.csv"
-    check_file(path, columns)
+    check_file(path, columns, derive_missing, ADDED_COLUMNS)
     return path
+
+
+def accuracy_fields(correct1: int, correct5: int, n: int, digits: int = 3) -> dict[str, Any]:
+    """The accuracy cells of a row: top1/top5 (percent), their counts, the sample size and the 95 %
+    intervals (`ACCURACY_INTERVAL_COLUMNS`); all empty when no image was labelled (n = 0)."""
+    from ipbench.stats import interval
+
+    if n <= 0:
+        return dict.fromkeys(["top1", "top5", "correct1", "correct5", *ACCURACY_INTERVAL_COLUMNS], "")
+    lo1, hi1 = interval(correct1, n)
+    lo5, hi5 = interval(correct5, n)
+    return {"top1": cell(100.0 * correct1 / n, digits), "top5": cell(100.0 * correct5 / n, digits),
+            "correct1": correct1, "correct5": correct5, "n_labelled": n,
+            "top1_low": cell(lo1, digits), "top1_high": cell(hi1, digits),
+            "top5_low": cell(lo5, digits), "top5_high": cell(hi5, digits)}
+
+
+def labelled_count(row: dict[str, str]) -> int | None:
+    """The labelled images an older row's top1/top5 rest on, recovered from its own cells: correct/top
+    (exact while top has 3 decimals and n < 10^5), else (no image right) the images it counted;
+    None for a row without counts."""
+    if row.get("correct1", "") == "":
+        return None
+    for k in (1, 5):
+        correct, top = row.get(f"correct{k}", ""), row.get(f"top{k}", "")
+        if correct != "" and top != "" and float(top) > 0:
+            return round(100.0 * float(correct) / float(top))
+    images = row.get("num_images", "")
+    return int(float(images)) if images != "" else None
+
+
+def derive_missing(row: dict[str, str], missing: list[str]) -> dict[str, Any]:
+    """Values for the columns an older ipbench did not write (`csvfile.check_file` upgrades with it):
+    the accuracy intervals from the row's counts, and the attentiveness `score` its rows used (token)."""
+    out: dict[str, Any] = {}
+    if set(missing) & set(ACCURACY_INTERVAL_COLUMNS):
+        n = labelled_count(row)
+        if n is not None:
+            fields = accuracy_fields(int(float(row["correct1"])), int(float(row["correct5"])), n)
+            out.update({c: fields[c] for c in ACCURACY_INTERVAL_COLUMNS})
+    if "score" in missing:
+        out["score"] = "token"
+    return out
 
 
 PREDICTIONS = "predictions"  # OUT/predictions/<config_key>.csv.gz: one line per image of a row
@@ -267,6 +132,21 @@ def write_predictions(out: str | os.PathLike, key: str, labels: list[int], top: 
             writer.writerow([i, label, *padded, *hits])
     os.replace(tmp, path)
     return path
+
+
+def timm_benchmark_rows(rows: list[dict[str, Any]], img_size: int, param_count: int) -> list[dict[str, Any]]:
+    """Speed rows under the column names of timm's benchmark CSVs, to set beside timm's own numbers:
+    infer_step_time is milliseconds per batch (the batch over the median img/s), param_count in
+    millions; `reducer` and `speedup` are ipbench's, appended."""
+    out = []
+    for r in rows:
+        ips = float(r["img_s_median"])
+        out.append({"model": r["model"], "infer_samples_per_sec": round(ips, 2),
+                    "infer_step_time": round(1000.0 * int(r["batch_size"]) / ips, 3),
+                    "infer_batch_size": int(r["batch_size"]), "infer_img_size": img_size,
+                    "infer_gmacs": r.get("gmacs_analytic", ""), "param_count": round(param_count / 1e6, 2),
+                    "reducer": r.get("reducer_label", r.get("reducer", "")), "speedup": r.get("speedup_median", "")})
+    return out
 
 
 def cell(value: float | None, digits: int) -> Any:

@@ -10,7 +10,7 @@ import pandas as pd
 from typer.testing import CliRunner
 
 from ipbench.cli import app
-from ipbench.results import PREDICTION_COLUMNS, predictions_path
+from ipbench.results import ACCURACY_INTERVAL_COLUMNS, PREDICTION_COLUMNS, accuracy_fields, predictions_path
 
 runner = CliRunner()
 ENV = {"IPBENCH_CHECKPOINT": None, "IPBENCH_DATA": None}
@@ -29,6 +29,14 @@ def test_every_sweep_row_has_its_records_and_a_resume_adds_only_the_new_ones(tmp
     assert result.exit_code == 0, result.output
     written = rows(tmp_path / "sweep.csv")
     assert [r["reducer"] for r in written] == ["none", "tome", "evit"]  # the resume measured evit only
+    # under the table, this sweep's paired comparisons: each reducer against none, and tome against evit
+    # (the same keep rate); every row with its sample size and interval, from its counts
+    assert "which differences are real (3 pairs;" in result.output
+    for row in written:
+        want = accuracy_fields(int(row["correct1"]), int(row["correct5"]), 40)
+        assert {k: row[k] for k in ACCURACY_INTERVAL_COLUMNS} == {k: str(want[k]) for k in ACCURACY_INTERVAL_COLUMNS}
+        shown = f"{float(row['top1']):.1f} [{float(row['top1_low']):.1f}, {float(row['top1_high']):.1f}]"
+        assert shown in result.output
     files = sorted((tmp_path / "predictions").iterdir())
     assert [f.name for f in files] == sorted(f"{r['config_key']}.csv.gz" for r in written)
     for row in written:
@@ -45,7 +53,11 @@ def test_every_sweep_row_has_its_records_and_a_resume_adds_only_the_new_ones(tmp
 def test_eval_and_robustness_write_their_records(tmp_path: Path, checkpoint_path: Path, data_path: Path) -> None:
     common = ["--checkpoint", str(checkpoint_path), "--data", str(data_path), "--limit", "16", "--out", str(tmp_path)]
     assert runner.invoke(app, ["eval", "--reducer", "evit", *common], env=ENV).exit_code == 0
-    assert runner.invoke(app, ["robustness", "--reducers", "tome", "--masks", "30", *common], env=ENV).exit_code == 0
+    robust = runner.invoke(app, ["robustness", "--reducers", "tome", "--masks", "30", *common], env=ENV)
+    assert robust.exit_code == 0, robust.output
+    for row in rows(tmp_path / "robustness.csv"):  # each cell of the printed table with its interval
+        shown = f"{float(row['top1']):.2f} [{float(row['top1_low']):.2f}, {float(row['top1_high']):.2f}]"
+        assert shown in robust.output
     for name in ("eval", "robustness"):
         for row in rows(tmp_path / f"{name}.csv"):
             frame = pd.read_csv(predictions_path(tmp_path, row["config_key"]))

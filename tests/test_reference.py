@@ -65,6 +65,15 @@ def test_every_analysis_on_32_shared_images(checkpoint_path: Path, data_path: Pa
 @pytest.mark.slow
 def test_the_readme_table_on_all_1000_shared_images(checkpoint_path: Path, data_path: Path, tmp_path: Path) -> None:
     check("full1000", checkpoint_path, data_path, tmp_path)
+    # which of its differences are real (the README's comparison table): REPORT.md, from the records
+    assert runner.invoke(app, ["report", str(tmp_path)]).exit_code == 0
+    text = (tmp_path / "REPORT.md").read_text(encoding="utf-8")
+    cells = [[c.strip() for c in line.split("|")[1:-1]]
+             for line in text.split("### Which differences are real", 1)[1].splitlines() if line.startswith("| ")]
+    pairs = {(c[0], c[1]): c[-2:] for c in cells}
+    assert pairs[("tome:r=8", "tome:r=11")] == ["12 / 14", "p=0.845 (not significant)"]
+    assert pairs[("evit:keep=0.7", "imagepiece:keep=0.8")] == ["21 / 53", "p=0.000256"]
+    assert pairs[("none", "tome:r=8")] == ["22 / 6", "p=0.00372"]
 
 
 # The README's accuracy table as exact counts (correct@1, correct@5 of 1000), written out here once

@@ -188,8 +188,12 @@ def test_other_columns_and_broken_first_line_are_refused_untouched(tmp_path: Pat
     with path.open("ab") as f:
         f.write(b"t3,key")
     before = path.read_bytes()
-    with pytest.raises(UserError, match="different columns"):
+    with pytest.raises(UserError, match="different columns"):  # a column gone: no older schema of these
+        results.prepare_csv(tmp_path, "sweep", [*COLUMNS[:-1], "extra"])
+    with pytest.raises(UserError, match="different columns"):  # more missing than was added since
         results.prepare_csv(tmp_path, "sweep", [*COLUMNS, "extra"])
+    with pytest.raises(UserError, match="different columns"):  # the same columns in another order
+        results.prepare_csv(tmp_path, "sweep", [*reversed(COLUMNS), "extra"])
     assert path.read_bytes() == before
 
     other = tmp_path / "latin.csv"
@@ -269,3 +273,59 @@ def test_ipbench_commands_sharing_one_out_write_one_header(tmp_path: Path) -> No
     rows = list(csv.DictReader(io.StringIO("\n".join(lines) + "\n")))
     assert len(rows) == 8 and all(None not in r and None not in r.values() for r in rows)
     assert sorted({r["reducer"] for r in rows}) == ["none", "tome"]
+
+
+def _old_sweep(tmp_path: Path, rows: list[dict[str, str]]) -> Path:
+    """A sweep.csv as ipbench wrote it before the interval columns existed."""
+    old = [c for c in results.SWEEP_COLUMNS if c not in results.ACCURACY_INTERVAL_COLUMNS]
+    path = tmp_path / "sweep.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, old, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_a_file_of_an_older_schema_gains_the_interval_columns_from_its_own_counts(tmp_path: Path) -> None:
+    rows = [{"config_key": "k1", "num_images": "1000", "top1": "86.7", "top5": "97.6", "correct1": "867",
+             "correct5": "976"},
+            {"config_key": "k2", "num_images": "200", "top1": "0.0", "top5": "0.0", "correct1": "0",
+             "correct5": "0"},  # nothing right: n from the images counted
+            {"config_key": "k3", "num_images": "", "top1": "", "top5": "", "correct1": "", "correct5": ""},
+            {"config_key": "k4", "num_images": "64", "top1": "85.938", "top5": "100.0", "correct1": "55",
+             "correct5": "64"}]
+    path = _old_sweep(tmp_path, rows)
+    before = path.read_bytes()
+    with pytest.warns(results.UpgradedColumns, match=r"4 rows gained the columns n_labelled, top1_low, top1_high, "
+                                                     r"top5_low, top5_high .*kept as sweep.csv.old"):
+        results.prepare_csv(tmp_path, "sweep", results.SWEEP_COLUMNS)
+    assert (tmp_path / "sweep.csv.old").read_bytes() == before
+    new = results.read_rows(path)
+    assert list(new.columns) == results.SWEEP_COLUMNS
+    assert list(new["n_labelled"].fillna(-1)) == [1000, 200, -1, 64]
+    # Wilson's 95 % interval, (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n), by hand: 84.4542, 88.6649
+    assert (new.loc[0, "top1_low"], new.loc[0, "top1_high"]) == (84.454, 88.665)
+    assert (new.loc[1, "top1_low"], new.loc[1, "top1_high"]) == (0.0, 1.885)
+    assert (new.loc[3, "top5_low"], new.loc[3, "top5_high"]) == (94.338, 100.0)
+    assert new["top1_low"].isna()[2]
+    assert list(new["top1"].fillna(-1)) == [86.7, 0.0, -1, 85.938]  # old cells kept as they were
+    assert results.existing_keys(path) == {"k1", "k2", "k3", "k4"}  # and the rows still resume
+    results.prepare_csv(tmp_path, "sweep", results.SWEEP_COLUMNS)  # once upgraded: nothing more to do
+    results.append_row(path, {"config_key": "k5", **results.accuracy_fields(3, 4, 4)}, results.SWEEP_COLUMNS)
+    assert not (tmp_path / "sweep.csv.old2").exists() and len(results.read_rows(path)) == 5
+
+
+def test_accuracy_fields_are_the_counts_and_their_wilson_interval() -> None:
+    f = results.accuracy_fields(867, 976, 1000)
+    assert f == {"top1": 86.7, "top5": 97.6, "correct1": 867, "correct5": 976, "n_labelled": 1000,
+                 "top1_low": 84.454, "top1_high": 88.665, "top5_low": 96.454, "top5_high": 98.382}
+    assert set(results.accuracy_fields(0, 0, 0).values()) == {""}
+
+
+def test_upgrading_an_attentiveness_file_names_the_score_its_rows_used(tmp_path: Path) -> None:
+    old = [c for c in results.ATTENTIVENESS_COLUMNS if c != "score"]
+    path = tmp_path / "attentiveness.csv"
+    path.write_text(",".join(old) + "\n" + ",".join("k1" if c == "config_key" else "" for c in old) + "\n")
+    with pytest.warns(results.UpgradedColumns, match="1 row gained the columns score"):
+        results.prepare_csv(tmp_path, "attentiveness", results.ATTENTIVENESS_COLUMNS)
+    assert list(results.read_rows(path)["score"]) == ["token"]

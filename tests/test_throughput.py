@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from ipbench.measure import throughput
+from ipbench.measure import footprint, throughput
 from ipbench.measure.throughput import measure_throughput, resolve_dtype
 
 IMAGES = torch.zeros(4, 3, 2, 2)
@@ -95,7 +95,8 @@ def test_rounds_are_interleaved_rotated_and_long_enough(clock):
 
     runs = _runs(log)
     warmup, rounds = runs[:3], runs[3:]
-    assert warmup == [("a", 2), ("b", 2), ("c", 2)]
+    # two warm-up calls each, then one forward for the peak memory and one for the attention kernel
+    assert warmup == [("a", 2 + 2), ("b", 2 + 2), ("c", 2 + 2)]
     assert [name for name, _ in rounds] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     for name, calls in rounds:  # each timing runs for at least min_seconds, and no longer
         assert calls == math.ceil(2**-4 / costs[name])
@@ -120,8 +121,8 @@ def test_timing_keeps_going_when_the_warm_up_was_misleading(clock):
 
     measure_throughput({"m": model}, IMAGES, baseline="m", repeats=1, min_seconds=2**-4, warmup=1,
                        progress=speed_up_after_warmup)
-    timed_calls = len(log) - 1  # after the one warm-up call
-    # the first chunk (one call, sized from the slow warm-up) falls short; the loop tops it up
+    timed_calls = len(log) - 1 - 2  # after the one warm-up call and the two footprint forwards
+    # the calls go on until they add up to min_seconds, whatever the warm-up suggested
     assert timed_calls == 2**-4 / 2**-8
 
 
@@ -180,16 +181,19 @@ def test_compile_wraps_every_model(monkeypatch):
     log: list[dict] = []
     compiled: list[nn.Module] = []
 
-    def fake_compile(model: nn.Module) -> nn.Module:
+    modes: list[str] = []
+
+    def fake_compile(model: nn.Module, mode: str) -> nn.Module:
         compiled.append(model)
+        modes.append(mode)
         return model
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     models = {name: Recorder(name, log) for name in ("x", "y")}
     results = measure_throughput(models, IMAGES, baseline="x", repeats=1, min_seconds=0.001,
-                                 warmup=1, compile=True)
-    assert compiled == [models["x"], models["y"]]
-    assert all(r.compiled for r in results.values())
+                                 warmup=1, compile=True, compile_mode="max-autotune")
+    assert compiled == [models["x"], models["y"]] and modes == ["max-autotune"] * 2
+    assert all(r.compiled and r.compiled_graphs == 0 and r.recompiles == 0 for r in results.values())
 
 
 def test_a_real_vit_end_to_end():
@@ -206,3 +210,74 @@ def test_a_real_vit_end_to_end():
                                  baseline="plain", repeats=2, min_seconds=0.01, warmup=1)
     assert results["plain"].speedup == 1.0
     assert math.isfinite(results["tome"].speedup) and results["tome"].images_per_s > 0
+
+
+def test_every_timed_call_is_a_latency_sample(clock):
+    log: list[dict] = []
+    models = {"a": Recorder("a", log, clock, 2**-6), "b": Recorder("b", log, clock, 2**-5)}
+    results = measure_throughput(models, IMAGES, baseline="a", repeats=2, min_seconds=2**-3, warmup=1)
+    a, b = results["a"], results["b"]
+    assert a.calls == (2**-6,) * 16 and b.calls == (2**-5,) * 8  # 2 rounds of 2**-3 s each
+    assert (a.latency_ms, a.latency_ms_p90) == (1000 * 2**-6, 1000 * 2**-6)
+    assert (b.latency_ms, b.latency_ms_p90) == (1000 * 2**-5, 1000 * 2**-5)
+    assert a.attention == b.attention == footprint.NO_SDPA  # a linear layer: no attention at all
+    assert a.peak_mib >= 0 and b.peak_mib >= 0
+
+
+def test_latency_median_and_p90_by_hand():
+    # ten calls of 1..10 ms: median 5.5; inclusive p90 = 9 + 0.1 * (10 - 9) = 9.1
+    median, p90 = throughput.latency_ms([k / 1000 for k in range(10, 0, -1)])
+    assert median == pytest.approx(5.5) and p90 == pytest.approx(9.1)
+    assert throughput.latency_ms([0.002]) == (2.0, 2.0)
+    assert all(math.isnan(v) for v in throughput.latency_ms([]))
+
+
+def test_peak_memory_of_a_forward_on_cpu():
+    x = torch.zeros(256, 1024)  # 1 MiB, allocated before: not counted
+    peak = footprint.peak_forward_mib(lambda t: (t * 2).sum(), x)
+    assert 1.0 <= peak < 1.001  # the 1 MiB product (and the 4-byte sum), nothing else
+
+    def two_at_once(t: torch.Tensor) -> torch.Tensor:
+        a, b = t + 1, t + 2  # both alive together: 2 MiB at the peak
+        return (a * b).sum()  # a third MiB while a and b are still alive
+
+    assert 3.0 <= footprint.peak_forward_mib(two_at_once, x) < 3.001
+
+
+def test_the_attention_kernel_is_torch_own_choice():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(2, 3, 17, 8)
+    mask = torch.zeros(2, 1, 1, 17)
+    with sdpa_kernel(SDPBackend.MATH):
+        assert footprint.sdpa_backend(q, q, q) == "math"
+        assert footprint.sdpa_backend(q, q, q, mask) == "math"
+    assert footprint.sdpa_backend(q, q, q) in ("flash", "math")  # CPU: flash where the build has it
+
+    import timm
+
+    from ipbench.reducers import apply_reducer, parse_spec
+
+    plain = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2)
+    x = torch.randn(1, 3, 64, 64)
+    with sdpa_kernel(SDPBackend.MATH):
+        assert footprint.attention_backends(plain, x) == "math"  # one kernel, named once for both blocks
+    plain.blocks[0].attn.fused_attn = plain.blocks[1].attn.fused_attn = False
+    assert footprint.attention_backends(plain, x) == footprint.NO_SDPA
+    reduced = apply_reducer(timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2), parse_spec("tome:r=4"))
+    with sdpa_kernel(SDPBackend.MATH):  # the log(size) mask of the second block reaches the choice too
+        assert footprint.attention_backends(reduced, x) == "math"
+
+
+def test_compile_count_sees_each_new_graph():
+    def f(t: torch.Tensor) -> torch.Tensor:
+        return t * 2 + 1
+
+    g = torch.compile(f, backend="eager", dynamic=False)
+    start = footprint.compile_count()
+    g(torch.ones(3))
+    assert footprint.compile_count() - start == 1
+    g(torch.ones(3))  # the same shape: no new graph
+    assert footprint.compile_count() - start == 1
+    g(torch.ones(5))  # a new shape with dynamic=False: a recompile
+    assert footprint.compile_count() - start == 2

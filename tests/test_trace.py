@@ -9,6 +9,7 @@ from ipbench.reducers.matching import MergePlan
 from ipbench.reducers.trace import (
     Share,
     add_shares,
+    attention_score,
     entries,
     follow_tokens,
     get_trace,
@@ -156,6 +157,17 @@ def test_follow_tokens_and_inattentive_to_attentive_on_a_handmade_trace():
     # keep 0.4: inattentive = tokens 2, 3, 4 (top ⌊1.6⌋ = 1); in block 2 only rank 0 is attentive
     assert inattentive_to_attentive(trace, keep=0.4, population="inattentive") == {1: Share(2, 3)}
     assert add_shares([{1: Share(1, 2)}, {1: Share(2, 3)}]) == {1: Share(3, 5)}
+
+    # score=patch: let block 2's merged token (2 patches) draw 0.35: the most by token, but 0.175 per
+    # patch, below token 2's 0.2, so it drops to rank 1
+    trace[2] = {**_attn(2, torch.tensor([[0.2, 0.1, 0.2, 0.35]]), src2), "size": torch.tensor([[[1.0], [1], [1], [2]]])}
+    assert follow_tokens(trace, 1)[1].tolist() == [[-1, 2, 1, 0, 0]]  # by token: 0.35 is the most
+    assert follow_tokens(trace, 1, score="patch")[1].tolist() == [[-1, 2, 0, 1, 1]]
+    # keep 0.5 in block 2 (3 tokens): top ⌊1.5⌋ = 1 attentive; the merged pair is attentive only by token
+    assert inattentive_to_attentive(trace, keep=0.5) == {1: Share(2, 2)}
+    assert inattentive_to_attentive(trace, keep=0.5, score="patch") == {1: Share(0, 2)}
+    with pytest.raises(ValueError, match="unknown score 'size'; valid: token, patch"):
+        attention_score(trace[2], "size")
 
 
 def test_inattentive_to_attentive_from_a_forward(tiny, images):

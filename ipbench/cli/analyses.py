@@ -14,6 +14,7 @@ import typer
 from ipbench.cli.app import app, handle_errors
 from ipbench.cli.display import Display, label, paper_console, paper_table
 from ipbench.cli.options import ForceOpt, OutOpt, policies, run_options
+from ipbench.plots.frames import with_interval
 
 if TYPE_CHECKING:
     from ipbench.runs.analyses.common import Outcome
@@ -92,19 +93,26 @@ def _robustness_table(out: Outcome) -> None:
     counts = list(dict.fromkeys(int(r["mask_count"]) for r in out.rows))
     fractions = {int(r["mask_count"]): float(r["mask_fraction"]) for r in out.rows}
     r0 = out.rows[0]
-    caption = (f"top-1 % on {where}; random 16x16 masks, placement {r0['placement']}, fill {r0['fill']}, "
+    caption = (f"top-1 % [95 % interval] on {where}; random 16x16 masks, placement {r0['placement']}, "
+               f"fill {r0['fill']}, "
                f"seed {r0['seed']} (same masked images for every row).\n" + _training_free(model))
     t = paper_table(f"robustness: {model} (paper Table 4)",
                     ["reducer", "final tokens", *[f"{c} masks ({100 * fractions[c]:.0f}%)" for c in counts]], caption)
     by_spec: dict[str, dict[int, Any]] = {}
     rows: dict[str, dict[str, Any]] = {}
     for r in out.rows:
-        by_spec.setdefault(r["reducer_spec"], {})[int(r["mask_count"])] = r["top1"]
+        by_spec.setdefault(r["reducer_spec"], {})[int(r["mask_count"])] = r
         rows[r["reducer_spec"]] = r
+
+    def pct(r: dict[str, Any] | None) -> str:
+        if r is None or r.get("top1", "") == "":
+            return "-"
+        low, high = (float(r[k]) if r.get(k, "") != "" else float("nan") for k in ("top1_low", "top1_high"))
+        return with_interval(float(r["top1"]), low, high)
+
     for spec, cells in by_spec.items():
         name = f"{model} (no reduction)" if spec == "none" else label(rows[spec])
-        t.add_row(name, str(rows[spec]["final_tokens"]),
-                  *[f"{float(cells[c]):.2f}" if c in cells and cells[c] != "" else "-" for c in counts])
+        t.add_row(name, str(rows[spec]["final_tokens"]), *[pct(cells.get(c)) for c in counts])
     paper_console().print(t)
 
 
@@ -225,6 +233,10 @@ def attentiveness_cmd(
     population: Annotated[str, typer.Option(
         "--population", help="merged: the inattentive tokens that took part in a merge (re-tokenized); "
                              "inattentive: all inattentive tokens.")] = "merged",
+    score: Annotated[str, typer.Option(
+        "--score", help="what ranks tokens as attentive: token (the CLS attention a token draws) or patch (that "
+                        "attention divided by the patches it holds, so a merged token does not count as attentive "
+                        "for the log(size) boost proportional attention gives it).")] = "patch",
     reducers: AnalysisReducersOpt = None,
     out: OutOpt = Path("results"),
     force: ForceOpt = False,
@@ -235,10 +247,10 @@ def attentiveness_cmd(
     """
     from ipbench.runs.analyses import attentiveness
 
-    attentiveness.check_options(attentive, population)
+    attentiveness.check_options(attentive, population, score)
     chosen = policies(reducers, attentiveness.DEFAULT_REDUCERS)
     with Display() as d:
-        outcome = attentiveness.run(run, out, chosen, attentive, population, force, d)
+        outcome = attentiveness.run(run, out, chosen, attentive, population, force, d, score)
     _done(outcome, _attentiveness_table)
 
 
@@ -247,11 +259,13 @@ def _attentiveness_table(out: Outcome) -> None:
     model, where = _where(out)
     layers = sorted({int(r["layer"]) for r in out.rows if str(r["layer"]) != "all"})
     population = out.rows[0]["population"] if out.rows else "merged"
+    score = out.rows[0].get("score") if out.rows else "patch"
+    ranked = "CLS attention per patch" if score == "patch" else "CLS attention"
     t = paper_table(
         f"attentiveness: inattentive -> attentive in the next block, {model} (paper Table 5)",
         ["reducer", "ρ", *[f"block {layer}" for layer in layers], "all"],
         f"% of the inattentive tokens ({'that took part in a merge' if population == 'merged' else 'all'}) of a "
-        f"block whose patches are in an attentive token (top ρ by CLS attention) in the next block; {where}; "
+        f"block whose patches are in an attentive token (top ρ by {ranked}) in the next block; {where}; "
         "blocks 0-indexed (the paper's layer 2 is block 1).\n" + _training_free(model))
     groups: dict[str, dict[str, dict[str, Any]]] = {}
     for r in out.rows:

@@ -70,14 +70,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 @contextlib.contextmanager
 def _result_file_warnings() -> Iterator[None]:
-    """A damaged result file (results.DamagedRows) is one stderr line ``warning: ...``, not Python's
-    two-line warning; under torchrun a rank other than 0 names itself (it may be the one that repaired)."""
-    from ipbench.results import DamagedRows
+    """A damaged or upgraded result file (results.FileNotice) is one stderr line ``warning: ...``, not
+    Python's two-line warning; under torchrun a rank other than 0 names itself (it may be the one that repaired)."""
+    from ipbench.results import FileNotice
 
     shown = warnings.showwarning
 
     def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-        if issubclass(category, DamagedRows):
+        if issubclass(category, FileNotice):
             who = "" if main_rank() else f"rank {os.environ.get('RANK')}: "
             typer.echo(f"warning: {who}{' '.join(str(message).split())}", err=True)
         else:

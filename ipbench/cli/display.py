@@ -128,11 +128,22 @@ def _any(rows: list[dict[str, Any]], column: str) -> bool:
     return any(row.get(column) not in ("", None) for row in rows)
 
 
+def _with_interval(row: dict[str, Any]) -> str:
+    from ipbench.plots.frames import with_interval
+
+    def num(key: str) -> float:
+        value = row.get(key, "")
+        return float("nan") if value in ("", None) else float(value)
+
+    return with_interval(num("top1"), num("top1_low"), num("top1_high"), digits=1)
+
+
 def rows_table(rows: list[dict[str, Any]], title: str, caption: str | None = None,
                columns: tuple[str, ...] = ("keep", "tokens", "gmacs", "top1", "speed")) -> Table:
     """A table of result rows (CSV rows or the dicts written): the numbers a user compares.
 
-    Groups: keep (keep rate, budget), tokens, gmacs (fvcore), analytic, top1, speed. Columns
+    Groups: batch (shown when the rows have several), keep (keep rate, budget), tokens, gmacs (fvcore),
+    analytic, top1, speed, latency (with peak memory and the attention kernel). Columns
     whose values are all empty (no budget, accuracy skipped, --no-speed) are left out; the CSV
     holds everything else (top-5, exact counts, tokens per layer).
     """
@@ -146,6 +157,8 @@ def rows_table(rows: list[dict[str, Any]], title: str, caption: str | None = Non
         for row_cells, value in zip(cells, values):
             row_cells.append(value)
 
+    if "batch" in columns and len({str(r.get("batch_size")) for r in rows}) > 1:
+        add("batch", [str(r.get("batch_size", "")) for r in rows])
     if "keep" in columns and _any(rows, "keep_rate"):
         add("keep", [_num(r.get("keep_rate"), "g") for r in rows])
     if "keep" in columns and _any(rows, "gmacs_budget"):
@@ -159,10 +172,34 @@ def rows_table(rows: list[dict[str, Any]], title: str, caption: str | None = Non
     if "gmacs" in columns or "analytic" in columns:
         add("ratio", [_num(r.get("gmacs_ratio"), ".2f") for r in rows])
     if "top1" in columns and _any(rows, "top1"):
-        add("top-1 %", [_num(r.get("top1"), ".1f") for r in rows])
+        if _any(rows, "top1_low"):
+            add("top-1 % [95 % CI]", [_with_interval(r) for r in rows])
+        else:
+            add("top-1 %", [_num(r.get("top1"), ".1f") for r in rows])
     if "speed" in columns and _any(rows, "img_s_median"):
         add("img/s (min–max)", [_spread(r, "img_s", ".1f", ".0f") for r in rows])
         add("speed-up (min–max)", [_spread(r, "speedup", ".2f", ".2f") for r in rows])
+    if "latency" in columns and _any(rows, "latency_ms_median"):
+        add("latency ms (p90)", [f"{_num(r.get('latency_ms_median'), '.1f')} ({_num(r.get('latency_ms_p90'), '.1f')})"
+                                 for r in rows])
+        add("peak MiB", [_num(r.get("peak_mem_mib"), ".1f") for r in rows])
+        add("attention", [str(r.get("attention_backend", "")) for r in rows])
     for row_cells in cells:
         table.add_row(*row_cells)
     return table
+
+
+def print_comparisons(pairs: list[Any], title: str, compact: bool = False) -> None:
+    """The comparison table (plots.compare.shown_rows) and the line on what these images resolve."""
+    from ipbench.plots.compare import resolvable, shown_rows
+
+    shown = shown_rows(pairs, compact)
+    t = paper_table(title, list(shown[0]),
+                    "CI of a top-1: Wilson; of a difference: paired bootstrap over images (2000 resamples); "
+                    "McNemar: exact, two-sided, on the discordant images; not significant at p >= 0.05.")
+    for cells in shown:
+        t.add_row(*(str(v) for v in cells.values()))
+    paper_console().print(t)
+    low, high = resolvable(pairs)
+    paper_console().print(f"resolvable with these images (80 % power, McNemar at 0.05): differences of {low:.1f} "
+                          f"to {high:.1f} points, depending on how often the two rows disagree", soft_wrap=True)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ipbench.cli.app import app, handle_errors
+from ipbench.cli.app import app, handle_errors, main_rank
 from ipbench.cli.options import (
     ForceOpt,
     OutOpt,
@@ -33,6 +33,9 @@ MinSecondsOpt = Annotated[float, typer.Option(
 WarmupOpt = Annotated[int, typer.Option("--warmup", min=1, help="Untimed forward passes per model first.")]
 CompileOpt = Annotated[bool, typer.Option(
     "--compile", help="torch.compile every model before timing (the warm-up compiles).")]
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+CompileModeOpt = Annotated[str, typer.Option(
+    "--compile-mode", help=f"torch.compile's mode with --compile: {', '.join(COMPILE_MODES)}.")]
 SpeedGroupOpt = Annotated[int, typer.Option(
     "--speed-group", min=0,
     help="Reducers timed per interleaved group with the baseline (each group its own rounds); small "
@@ -40,11 +43,13 @@ SpeedGroupOpt = Annotated[int, typer.Option(
 
 
 def _protocol(batch_size: int, repeats: int, min_seconds: float, warmup: int, compile_: bool,
-              group: int) -> SpeedProtocol:
+              group: int, compile_mode: str = "default") -> SpeedProtocol:
     from ipbench.measure.throughput import SpeedProtocol
 
+    if compile_mode not in COMPILE_MODES:
+        raise UserError(f"unknown --compile-mode {compile_mode!r}; valid: {', '.join(COMPILE_MODES)}")
     return SpeedProtocol(batch_size=batch_size, repeats=repeats, min_seconds=min_seconds, warmup=warmup,
-                         compile=compile_, group=group)
+                         compile=compile_, group=group, compile_mode=compile_mode)
 
 
 @app.command("eval")
@@ -152,6 +157,23 @@ def sweep_cmd(
             else "nothing to measure (use --force to measure again)")
     resumed = f", {report.skipped} already in the CSV" if report.skipped else ""
     console.print(f"{done}{resumed}; rows in {report.csv_path}", soft_wrap=True)
+    if not report.accuracy_skipped and len(report.rows) > 1 and main_rank():
+        _which_differences_are_real(report.csv_path.parent, {str(r["config_key"]) for r in report.rows})
+
+
+def _which_differences_are_real(folder: Path, keys: set[str]) -> None:
+    """After a sweep: its rows' paired comparisons (as `ipbench compare` shows them), or one line on
+    why there are none (rows of an older ipbench have no per-image records)."""
+    from ipbench.cli.display import print_comparisons
+    from ipbench.plots.compare import compare_folder
+
+    try:
+        pairs = compare_folder(folder, "sweep", keys=keys)
+    except UserError as exc:
+        typer.echo(f"no paired comparison: {exc}", err=True)
+        return
+    print_comparisons(pairs, f"which differences are real ({len(pairs)} pairs; ipbench compare {folder} for "
+                             "their intervals and compare.csv)", compact=True)
 
 
 @app.command("flops")
@@ -193,28 +215,50 @@ def speed_cmd(
     min_seconds: MinSecondsOpt = 2.0,
     warmup: WarmupOpt = 2,
     compile_: CompileOpt = False,
+    compile_mode: CompileModeOpt = "default",
     speed_group: SpeedGroupOpt = 4,
+    batch_sizes: Annotated[str | None, typer.Option(
+        "--batch-sizes", help="Time at each of these batch sizes, e.g. 1,8,64,256 (every model against the "
+                              "baseline at each size; one row per model and size). Default: --batch-size.")] = None,
+    timm_csv: Annotated[Path | None, typer.Option(
+        "--timm-csv", help="Also write these rows with the columns of timm's benchmark CSVs (model, "
+                           "infer_samples_per_sec, infer_step_time, infer_batch_size, ...) to this file.")] = None,
     out: OutOpt = Path("results"),
 ) -> None:
     """Throughput of the baseline and each reducer, interleaved on one fixed batch of real images.
 
-    img/s median [min–max] over the rounds, and the speed-up as the median of per-round paired
-    ratios against the baseline. Appends one row per model to OUT/speed.csv.
+    img/s median (min–max) over the rounds, and the speed-up as the median of per-round paired
+    ratios against the baseline; per-forward latency (median, p90), peak memory of a forward and the
+    attention kernel that served it. Appends one row per model and batch size to OUT/speed.csv.
     """
     from ipbench.cli.display import Display, rows_table, wide_console
+    from ipbench.cli.options import parse_batch_sizes
     from ipbench.runs.context import check_spec
     from ipbench.runs.cost import run_speed
 
+    sizes = parse_batch_sizes(batch_sizes) if batch_sizes is not None else [run.batch_size]
+    if timm_csv is not None and not timm_csv.parent.is_dir():
+        raise UserError(f"--timm-csv {timm_csv}: no such folder {timm_csv.parent}")
     check_spec(run)
-    batch_size = run.batch_size  # the timed batch
-    protocol = _protocol(batch_size, repeats, min_seconds, warmup, compile_, speed_group)
+    protocol = _protocol(sizes[0], repeats, min_seconds, warmup, compile_, speed_group, compile_mode)
     with Display(None, "speed") as d:
-        outcome = run_speed(run, policies(reducers, "none"), protocol, out, d)
+        outcome = run_speed(run, policies(reducers, "none"), protocol, out, d, sizes)
     rows = outcome.rows
-    caption = (f"{batch_size} images per batch from {rows[0]['data']}, {outcome.ctx.dtype}, "
-               f"{rows[0]['threads']} thread(s), {repeats} rounds of >= {min_seconds:g} s")
+    shown = ", ".join(map(str, sizes))
+    caption = (f"batch {shown}: images from {rows[0]['data']}, {outcome.ctx.dtype}, "
+               f"{rows[0]['threads']} thread(s), {repeats} rounds of >= {min_seconds:g} s; latency: one forward "
+               "of the batch, median (p90); memory: peak a forward allocates (activations)")
     wide_console().print(rows_table(rows, f"speed: {rows[0]['model']} on {rows[0]['device_name']}", caption,
-                                    columns=("tokens", "analytic", "speed")))
+                                    columns=("batch", "tokens", "analytic", "speed", "latency")))
     for note in outcome.notes:
         typer.echo(f"warning: {note}", err=True)
     typer.echo(f"{len(rows)} row(s) appended to {outcome.csv_path}")
+    if timm_csv is not None:
+        import pandas as pd
+
+        from ipbench.results import timm_benchmark_rows
+
+        params = sum(p.numel() for p in outcome.ctx.net.parameters())
+        table = timm_benchmark_rows(rows, outcome.ctx.source.input_size[-1], params)
+        pd.DataFrame(table).to_csv(timm_csv, index=False)
+        typer.echo(f"timm benchmark columns: {timm_csv}")

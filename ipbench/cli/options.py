@@ -159,6 +159,17 @@ def parse_keep_rates(text: str) -> list[float]:
     return list(dict.fromkeys(rates))
 
 
+def parse_batch_sizes(text: str) -> list[int]:
+    """``1,8,64,256`` → positive ints, in the order given, each once."""
+    values = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece.isdigit() or int(piece) < 1:
+            raise UserError(f"bad --batch-sizes value {piece!r}: expected integers >= 1 separated by commas, "
+                            "e.g. 1,8,64,256")
+        values.append(int(piece))
+    return list(dict.fromkeys(values))
+
+
 def parse_tome_r(text: str) -> list[int]:
     """``8,13,16`` → non-negative ints."""
     values = []

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from ipbench.cli import display
 from ipbench.cli.app import app, handle_errors
 from ipbench.cli.options import run_options
 from ipbench.errors import UserError
@@ -125,21 +126,12 @@ def compare_cmd(
     """
     import pandas as pd
 
-    from ipbench.cli.display import paper_console, paper_table
-    from ipbench.plots.compare import compare_folder, pair_record, resolvable, shown_rows
+    from ipbench.plots.compare import compare_folder, pair_record
 
     pairs = compare_folder(folder, source, a, b)
-    shown = shown_rows(pairs)
-    t = paper_table(f"compare: {source}.csv of {folder}", list(shown[0]),
-                    "CI of a top-1: Wilson; of a difference: paired bootstrap over images (2000 resamples); "
-                    "McNemar: exact, two-sided, on the discordant images; not significant at p >= 0.05.")
-    for cells in shown:
-        t.add_row(*(str(v) for v in cells.values()))
-    paper_console().print(t)
-    low, high = resolvable(pairs)
-    typer.echo(f"resolvable with these images (80 % power, McNemar at 0.05): differences of {low:.1f} to "
-               f"{high:.1f} points, depending on how often the two rows disagree")
+    display.print_comparisons(pairs, f"compare: {source}.csv of {folder}")
     records = [pair_record(p) for p in pairs]
     path = folder / "compare.csv"
     pd.DataFrame(records).to_csv(path, index=False)
     typer.echo(f"{len(records)} comparison(s) written to {path}")
+

@@ -10,6 +10,13 @@ Protocol (DESIGN.md): the model only, one batch already on the device, ``torch.i
 a warm-up per model, then ``repeats`` rounds; each timing repeats the forward pass for at least
 ``min_seconds``, CUDA synchronised before the clock is read. Reduced precision runs through
 autocast (float16/bfloat16 on CUDA, bfloat16 on CPU).
+
+Every call is timed on its own ([choice]: synchronised after each call, so a call's time is its
+latency as a caller sees it; a synchronisation costs microseconds against a forward's
+milliseconds): img/s is the batch over the mean call of a round, the latency is the median and
+90th percentile of all timed calls. After a model's warm-up, one more forward each measures its peak
+memory, the attention kernels that served it, and what torch.compile compiled
+(`ipbench.measure.footprint`), outside the timed calls.
 """
 
 from __future__ import annotations
@@ -17,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 import statistics
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -53,7 +59,12 @@ class SpeedResult:
 
     ``images_per_s*`` are the median/min/max over rounds. ``speedup*`` are the median/min/max of
     the per-round ratios ``baseline seconds / model seconds`` (the baseline's own are exactly 1).
-    ``round_seconds`` holds the mean seconds per batch of each round, in round order.
+    ``round_seconds`` holds the mean seconds per batch of each round, in round order;
+    ``latency_ms*`` the median and 90th percentile of every timed call; ``peak_mib`` the memory
+    one forward allocates above what was allocated before it (`footprint.peak_forward_mib`);
+    ``attention`` the SDPA kernels that served it; ``compiled_graphs`` the graphs torch.compile
+    made in the warm-up and ``recompiles`` those it made later, in the timed rounds (static token
+    counts should make that 0; both 0 without --compile).
     """
 
     name: str
@@ -71,6 +82,22 @@ class SpeedResult:
     dtype: str
     threads: int
     compiled: bool
+    latency_ms: float = float("nan")
+    latency_ms_p90: float = float("nan")
+    peak_mib: float = float("nan")
+    attention: str = ""
+    compiled_graphs: int = 0
+    recompiles: int = 0
+    calls: tuple[float, ...] = ()  # seconds of every timed call, in order
+
+
+def latency_ms(calls: list[float] | tuple[float, ...]) -> tuple[float, float]:
+    """Median and 90th percentile (inclusive quantiles) of per-call seconds, in milliseconds."""
+    if not calls:
+        return float("nan"), float("nan")
+    ms = sorted(1000.0 * c for c in calls)
+    p90 = statistics.quantiles(ms, n=10, method="inclusive")[-1] if len(ms) > 1 else ms[0]
+    return statistics.median(ms), p90
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -120,26 +147,22 @@ def _time_calls(
     model: Callable[[Tensor], object],
     images: Tensor,
     min_seconds: float,
-    per_call_guess: float,
     sync: Callable[[], None],
-) -> float:
-    """Mean seconds per forward over a run of at least ``min_seconds``.
+) -> list[float]:
+    """Seconds of each forward, called until they add up to at least ``min_seconds`` (one at least).
 
-    Calls are issued in chunks sized from the current estimate, so the clock (and, on CUDA, a
-    synchronisation) is read once per chunk rather than once per call.
+    The clock is read after each call, CUDA synchronised first, so every entry is one call's latency.
     """
-    calls, elapsed = 0, 0.0
+    calls: list[float] = []
     sync()
-    start = perf_counter()
-    while calls == 0 or elapsed < min_seconds:
-        per_call = elapsed / calls if calls else per_call_guess
-        chunk = max(1, math.ceil((min_seconds - elapsed) / max(per_call, 1e-9)))
-        for _ in range(chunk):
-            model(images)
-        calls += chunk
+    elapsed = 0.0
+    while not calls or elapsed < min_seconds:
+        start = perf_counter()
+        model(images)
         sync()
-        elapsed = perf_counter() - start
-    return elapsed / calls
+        calls.append(perf_counter() - start)
+        elapsed += calls[-1]
+    return calls
 
 
 def measure_throughput(
@@ -153,15 +176,19 @@ def measure_throughput(
     dtype: torch.dtype | str = torch.float32,
     compile: bool = False,
     progress: ProgressFn | None = None,
+    compile_mode: str = "default",
 ) -> dict[str, SpeedResult]:
     """Time every model on the same batch, interleaved, and pair each with ``baseline``.
 
     ``models`` maps a name to a model; they are moved to ``device`` (default: the images'
     device) and put in eval mode. ``warmup`` forward passes per model come first (the last one
-    sizes the timing loop; with ``compile=True`` the first one compiles, so keep ``warmup >= 2``).
-    Then ``repeats`` rounds: each times every model once for at least ``min_seconds``, the order
-    rotated each round. Returns one :class:`SpeedResult` per model, in the order of ``models``.
+    sizes the timing loop; with ``compile=True`` the first one compiles, in ``compile_mode``, so
+    keep ``warmup >= 2``). Then ``repeats`` rounds: each times every model once for at least
+    ``min_seconds``, the order rotated each round. Returns one :class:`SpeedResult` per model, in
+    the order of ``models``.
     """
+    from ipbench.measure import footprint
+
     names = list(models)
     if not names:
         raise ValueError("no models to time")
@@ -179,28 +206,33 @@ def measure_throughput(
     runners: dict[str, Callable[[Tensor], object]] = {}
     for name in names:
         model = models[name].to(dev).eval()
-        runners[name] = torch.compile(model) if compile else model
+        runners[name] = torch.compile(model, mode=compile_mode) if compile else model
 
     total_steps = len(names) * (1 + repeats)
     done = 0
-    per_call: dict[str, float] = {}
     seconds: dict[str, list[float]] = {name: [] for name in names}
+    calls: dict[str, list[float]] = {name: [] for name in names}
+    extra: dict[str, dict[str, Any]] = {}
     with torch.inference_mode(), precision:
         for name in names:
+            graphs = footprint.compile_count() if compile else 0
             for _ in range(warmup):
-                sync()
-                start = perf_counter()
                 runners[name](batch)
-                sync()
-                per_call[name] = perf_counter() - start
+            sync()
+            extra[name] = {"peak_mib": footprint.peak_forward_mib(runners[name], batch),
+                           "attention": footprint.attention_backends(models[name], batch),
+                           "compiled_graphs": footprint.compile_count() - graphs if compile else 0}
             done += 1
             if progress:
                 progress(done, total_steps, f"warm-up {name}")
+        recompiles = dict.fromkeys(names, 0)
         for r in range(repeats):
             for name in _rotated(names, r):
-                t = _time_calls(runners[name], batch, min_seconds, per_call[name], sync)
-                per_call[name] = t
-                seconds[name].append(t)
+                before = footprint.compile_count() if compile else 0
+                timed = _time_calls(runners[name], batch, min_seconds, sync)
+                recompiles[name] += (footprint.compile_count() - before) if compile else 0
+                seconds[name].append(sum(timed) / len(timed))
+                calls[name].extend(timed)
                 done += 1
                 if progress:
                     progress(done, total_steps, f"round {r + 1}/{repeats} {name}")
@@ -211,6 +243,7 @@ def measure_throughput(
     for name in names:
         ips = [n_images / s for s in seconds[name]]
         ratios = [b / s for b, s in zip(seconds[baseline], seconds[name])]
+        median_ms, p90_ms = latency_ms(calls[name])
         results[name] = SpeedResult(
             name=name,
             images_per_s=statistics.median(ips),
@@ -227,6 +260,11 @@ def measure_throughput(
             dtype=str(dt).removeprefix("torch."),
             threads=threads,
             compiled=compile,
+            latency_ms=median_ms,
+            latency_ms_p90=p90_ms,
+            recompiles=recompiles[name],
+            calls=tuple(calls[name]),
+            **extra[name],
         )
     return results
 
@@ -241,10 +279,12 @@ class SpeedProtocol:
     warmup: int = 2
     compile: bool = False
     group: int = DEFAULT_SPEED_GROUP  # models timed with each baseline group; 0 = all in one group
+    compile_mode: str = "default"  # torch.compile's mode: default | reduce-overhead | max-autotune
 
     def key_fields(self) -> dict[str, Any]:
+        mode = {"compile_mode": self.compile_mode} if self.compile and self.compile_mode != "default" else {}
         return {"batch_size": self.batch_size, "repeats": self.repeats, "min_seconds": self.min_seconds,
-                "warmup": self.warmup, "compile": self.compile, "group": self.group}
+                "warmup": self.warmup, "compile": self.compile, "group": self.group, **mode}
 
 
 def _shifted(progress: ProgressFn, offset: int, total: int, done: int, _total: int, what: str) -> None:
@@ -272,14 +312,18 @@ def measure_grouped(nets: Mapping[str, nn.Module], images: Tensor, baseline: str
         res = measure_throughput(
             {baseline: nets[baseline], **{n: nets[n] for n in chunk}}, images, baseline=baseline,
             repeats=protocol.repeats, min_seconds=protocol.min_seconds, warmup=protocol.warmup, device=device,
-            dtype=dtype, compile=protocol.compile,
+            dtype=dtype, compile=protocol.compile, compile_mode=protocol.compile_mode,
             progress=None if progress is None else functools.partial(_shifted, progress, offset, total))
         offset += (len(chunk) + 1) * (1 + protocol.repeats)
         out.update({n: res[n] for n in chunk})
         baseline_runs.append(res[baseline])
     seconds = tuple(t for r in baseline_runs for t in r.round_seconds)
     ips = [baseline_runs[0].batch_size / t for t in seconds]
+    calls = tuple(t for r in baseline_runs for t in r.calls)
+    median_ms, p90_ms = latency_ms(calls)
     out[baseline] = dataclasses.replace(
         baseline_runs[0], images_per_s=statistics.median(ips), images_per_s_min=min(ips),
-        images_per_s_max=max(ips), round_seconds=seconds, round_ratios=(1.0,) * len(seconds))
+        images_per_s_max=max(ips), round_seconds=seconds, round_ratios=(1.0,) * len(seconds),
+        calls=calls, latency_ms=median_ms, latency_ms_p90=p90_ms,
+        recompiles=sum(r.recompiles for r in baseline_runs))
     return {n: out[n] for n in nets}

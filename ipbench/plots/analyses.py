@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ipbench.plots.figures import _baseline_rows, _new
+from ipbench.plots.figures import _baseline_rows, _new, top1_error_bars
 from ipbench.plots.frames import (
     QUALIFIERS,
     Styler,
@@ -28,6 +28,9 @@ def _baseline_value(df: pd.DataFrame, y: str) -> float | None:
     return float(vals.iloc[-1]) if len(vals) else None
 
 
+DODGE = 0.008  # horizontal shift between the lines of a figure with interval bars, per line, of the x range
+
+
 def fig_robustness(df: pd.DataFrame) -> Figure | None:
     """Top-1 against the number (or fraction) of masked patches, per reducer (paper Table 4)."""
     x = "mask_count" if has_values(df, "mask_count") else "mask_fraction"
@@ -39,16 +42,20 @@ def fig_robustness(df: pd.DataFrame) -> Figure | None:
     fig, axes = _new(ncols=len(settings), width=6.0)
     for ax, (key, sub) in zip(axes, settings):
         styler = Styler()
-        for label, line in sub.dropna(subset=["_x", "_y"]).groupby("_label", sort=True):
+        lines = list(sub.dropna(subset=["_x", "_y"]).groupby("_label", sort=True))
+        span = float(sub["_x"].max() - sub["_x"].min()) or 1.0
+        for i, (label, line) in enumerate(lines):
             line = line.sort_values("_x")
             st = styler(str(label))
             if is_baseline(label):
                 st = {**st, "color": "black", "linestyle": "--"}
-            ax.plot(line["_x"], line["_y"], label=str(label), markersize=5, **st)
+            dodge = DODGE * span * (i - (len(lines) - 1) / 2)  # the lines' interval bars side by side
+            ax.errorbar(line["_x"] + dodge, line["_y"], yerr=top1_error_bars(line), label=str(label), capsize=2,
+                        markersize=5, **st)
         where = ", ".join(f"{c} {v}" for c, v in zip(settings_cols, key if isinstance(key, tuple) else (key,)))
         ax.set_title(f"masks: {where}" if where else "", fontsize=9)
         ax.set_xlabel("masked 16×16 patches per image" if x == "mask_count" else "fraction of patches masked")
-        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_ylabel("top-1 accuracy (%), bars: 95 % interval")
         ax.legend(fontsize=8)
     _title(fig, "Robustness to random patch masks (paper Table 4)", df)
     return fig

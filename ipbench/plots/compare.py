@@ -45,9 +45,10 @@ def _correct(folder: Path, row: dict[str, Any]) -> Any:
 
 
 def compare_folder(folder: str | os.PathLike, command: str = "sweep", a: str | None = None,
-                   b: str | None = None) -> list[Pair]:
+                   b: str | None = None, keys: set[str] | None = None) -> list[Pair]:
     """Pairs of rows of FOLDER/<command>.csv and their comparison: `a` against `b` where both are
-    given, else the default pairs (`_default_pairs`)."""
+    given, else the default pairs (`_default_pairs`); only rows whose config_key is in `keys`
+    where given (the rows one sweep wrote)."""
     if command not in COMPARABLE:
         raise UserError(f"unknown --from {command!r}; valid: {', '.join(COMPARABLE)}")
     if (a is None) != (b is None):
@@ -56,7 +57,8 @@ def compare_folder(folder: str | os.PathLike, command: str = "sweep", a: str | N
     frame = results.read_rows(root / f"{command}.csv")
     if frame.empty or "correct1" not in frame.columns:
         raise UserError(f"{root / f'{command}.csv'}: no rows to compare")
-    rows = [r for r in results.latest(frame).to_dict("records") if str(r.get("correct1", "")) not in ("", "nan")]
+    rows = [r for r in results.latest(frame).to_dict("records") if str(r.get("correct1", "")) not in ("", "nan")
+            and (keys is None or str(r.get("config_key")) in keys)]
     todo: list[tuple[dict[str, Any], dict[str, Any]]] = []
     for group in _groups(rows):
         if a is not None and b is not None:
@@ -148,14 +150,20 @@ def pair_record(pair: Pair) -> dict[str, Any]:
             "significant": r.significant, "min_detectable": round(r.min_detectable, 3)}
 
 
-def shown_rows(pairs: list[Pair]) -> list[dict[str, Any]]:
-    """The comparison table as it is shown (the terminal's and REPORT.md's): one dict per pair."""
+def shown_rows(pairs: list[Pair], compact: bool = False) -> list[dict[str, Any]]:
+    """The comparison table as it is shown (the terminal's and REPORT.md's): one dict per pair.
+    `compact` (under a sweep table, which already gives each top-1 with its interval): the top-1s
+    without their intervals and no image count."""
     out = []
     for pair in pairs:
         r = pair_record(pair)
-        out.append({"a": r["a"], "b": r["b"], "images": r["images"],
+        if compact:
+            tops = {"top-1 a": f"{r['top1_a']:.1f}", "top-1 b": f"{r['top1_b']:.1f}"}
+        else:
+            tops = {"images": r["images"],
                     "top-1 a [95 % CI]": f"{r['top1_a']:.1f} [{r['top1_a_low']:.1f}, {r['top1_a_high']:.1f}]",
-                    "top-1 b [95 % CI]": f"{r['top1_b']:.1f} [{r['top1_b_low']:.1f}, {r['top1_b_high']:.1f}]",
+                    "top-1 b [95 % CI]": f"{r['top1_b']:.1f} [{r['top1_b_low']:.1f}, {r['top1_b_high']:.1f}]"}
+        out.append({"a": r["a"], "b": r["b"], **tops,
                     "b - a [95 % CI]": f"{r['diff']:+.1f} [{r['diff_low']:+.1f}, {r['diff_high']:+.1f}]",
                     "a only / b only": f"{r['a_only']} / {r['b_only']}", "McNemar": verdict(pair.result)})
     return out

@@ -23,6 +23,7 @@ from ipbench.plots.frames import (
     row_labels,
     row_lines,
     spec_column,
+    top1_bounds,
 )
 
 if TYPE_CHECKING:
@@ -54,18 +55,11 @@ def _fmt_tokens(v: float) -> str:
     return str(int(v)) if v == v else "?"
 
 
-def _top1_interval(df: pd.DataFrame) -> list[pd.Series] | None:
-    """Vertical bars: the 95 % Wilson interval of each top-1 from its counts (None without counts)."""
-    import pandas as pd
-
-    from ipbench.stats import interval
-
-    if not has_values(df, "correct1", "num_images"):
+def top1_error_bars(df: pd.DataFrame) -> list[pd.Series] | None:
+    """Vertical bars: the 95 % interval of each top-1 (`top1_bounds`; None where no row has one)."""
+    lo, hi = top1_bounds(df)
+    if lo.isna().all():
         return None
-    bounds = [interval(int(c), int(n)) if c == c and n == n and n > 0 else (float("nan"), float("nan"))
-              for c, n in zip(numeric(df, "correct1"), numeric(df, "num_images"))]
-    lo = pd.Series([b[0] for b in bounds], index=df.index)
-    hi = pd.Series([b[1] for b in bounds], index=df.index)
     return [(df["_y"] - lo).clip(lower=0).fillna(0), (hi - df["_y"]).clip(lower=0).fillna(0)]
 
 
@@ -86,7 +80,7 @@ def fig_accuracy_vs(df: pd.DataFrame, x: str, xlabel: str, what: str, hardware: 
         if lo_col and has_values(sub, lo_col, hi_col):
             lo, hi = numeric(sub, lo_col), numeric(sub, hi_col)
             xerr = [(sub["_x"] - lo).clip(lower=0).fillna(0), (hi - sub["_x"]).clip(lower=0).fillna(0)]
-        ax.errorbar(sub["_x"], sub["_y"], xerr=xerr, yerr=_top1_interval(sub), label=str(label), capsize=2,
+        ax.errorbar(sub["_x"], sub["_y"], xerr=xerr, yerr=top1_error_bars(sub), label=str(label), capsize=2,
                     markersize=5, **st)
         for xv, yv, full, line in zip(sub["_x"], sub["_y"], sub["_full"], sub["_label"]):
             rate = rate_text(full, line).replace("keep=", "")  # '0.7', or ToMe's 'r=13'

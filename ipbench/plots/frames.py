@@ -33,7 +33,7 @@ KINDS = (*SWEEP_KINDS, "eval", *ANALYSIS_COLUMNS)
 QUALIFIERS: dict[str, tuple[str, ...]] = {
     "similarity": ("features", "pairs"),
     "importance": ("tokens",),
-    "attentiveness": ("attentive_rate", "population"),
+    "attentiveness": ("attentive_rate", "population", "score"),
 }
 
 # A fixed colour per reducer name, so a method looks the same in every figure.
@@ -136,6 +136,31 @@ def has_values(df: pd.DataFrame, *columns: str) -> bool:
 
 def missing(df: pd.DataFrame, *columns: str) -> list[str]:
     return [c for c in columns if c not in df.columns or not numeric(df, c).notna().any()]
+
+
+def top1_bounds(df: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """The 95 % interval of each row's top-1, in percent: its `top1_low`/`top1_high` cells, else
+    (a file of an older ipbench) Wilson's from its counts over `n_labelled` or `num_images`; nan
+    where a row has neither."""
+    import pandas as pd
+
+    from ipbench.stats import interval
+
+    lo, hi = list(numeric(df, "top1_low")), list(numeric(df, "top1_high"))
+    n = numeric(df, "n_labelled").fillna(numeric(df, "num_images"))
+    for i, (c, size) in enumerate(zip(numeric(df, "correct1"), n)):
+        if lo[i] != lo[i] and c == c and size == size and size > 0:
+            lo[i], hi[i] = interval(int(c), int(size))
+    return pd.Series(lo, index=df.index, dtype=float), pd.Series(hi, index=df.index, dtype=float)
+
+
+def with_interval(value: float, low: float, high: float, digits: int = 2) -> str:
+    """'86.70 [84.45, 88.66]': a percentage and its interval for a table cell ('-' without a value)."""
+    if value != value:
+        return "-"
+    if low != low or high != high:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def as_percent(values: pd.Series) -> pd.Series:

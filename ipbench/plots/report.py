@@ -29,7 +29,9 @@ from ipbench.plots.frames import (
     row_labels,
     row_lines,
     spec_column,
+    top1_bounds,
     training_note,
+    with_interval,
 )
 
 if TYPE_CHECKING:
@@ -210,10 +212,14 @@ def _pivot(df: pd.DataFrame, index: list[str], column: str, col_name: str, value
 
 
 def _robustness_table(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    import pandas as pd
+
     df = df.assign(reducer=_label(df))
     x, name = ("mask_count", "{} masks") if numeric(df, "mask_count").notna().any() else ("mask_fraction", "{} masked")
     index = ["reducer"] + [c for c in ("placement", "fill") if c in df.columns and len(_uniq(df, c)) > 0]
-    return _pivot(df, index, x, name, numeric(df, "top1")), {}
+    lo, hi = top1_bounds(df)
+    cells = pd.Series([with_interval(v, a, b) for v, a, b in zip(numeric(df, "top1"), lo, hi)], index=df.index)
+    return _pivot(df, index, x, name, cells), {}
 
 
 def _layer_pivot(df: pd.DataFrame, extra: list[str], value: pd.Series) -> pd.DataFrame:
@@ -255,7 +261,7 @@ def _report_table(table: ResultTable) -> tuple[pd.DataFrame, dict[str, int], int
         return t, d, None, ""
     if kind == "robustness":
         t, d = _robustness_table(df)
-        return t, d, 2, "top-1 % per number of masked patches."
+        return t, d, 2, "top-1 % per number of masked patches, with its 95 % Wilson interval [low, high]."
     if kind == "similarity":
         return (_layer_pivot(df, ["features"], numeric(df, "mean_cos")), {}, 4,
                 "mean cosine similarity of the merged pairs per block (features: `metric` = what the "

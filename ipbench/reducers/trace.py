@@ -198,18 +198,33 @@ def merged_top_share(trace: Trace, p: float, tokens: str = "src", policy: str | 
 
 # -- (c) following tokens across blocks (paper Table 5) -----------------------------------------
 
-def follow_tokens(trace: Trace, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+SCORES = ("token", "patch")
+
+
+def attention_score(entry: dict[str, Any], score: str = "token") -> Tensor:
+    """What ranks a block's tokens as attentive: 'token' = the CLS attention each token draws;
+    'patch' = that attention divided by the token's size (patches it holds), so a merged token is
+    attentive by what its content draws, not by the log(size) boost proportional attention gives it."""
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; valid: {', '.join(SCORES)}")
+    size = entry.get("size")
+    if score == "token" or size is None:
+        return entry["cls_attn"]
+    return entry["cls_attn"] / size[..., 0].to(entry["cls_attn"].dtype)
+
+
+def follow_tokens(trace: Trace, layer: int, score: str = "token") -> tuple[Tensor, Tensor, Tensor]:
     """Follow the tokens entering block `layer`'s reduction into block layer+1.
 
-    Returns (rank_before [B, N], rank_after [B, N], next_idx [B, N]): each token's CLS-attention
-    rank in block `layer`, the rank in block layer+1 of the token that then contains its patches,
-    and that token's index (−1 where its patches were discarded, or for prefix tokens).
+    Returns (rank_before [B, N], rank_after [B, N], next_idx [B, N]): each token's rank by
+    `attention_score` in block `layer`, the rank in block layer+1 of the token that then contains
+    its patches, and that token's index (−1 where its patches were discarded, or for prefix tokens).
     """
     a, b = _one(trace, "attn", layer), _one(trace, "attn", layer + 1)
     if a is None or b is None:
         raise ValueError(f"the trace has no attention record for block {layer if a is None else layer + 1}")
-    rank_before = token_ranks(a["cls_attn"], a["n_prefix"])
-    rank_next = token_ranks(b["cls_attn"], b["n_prefix"])
+    rank_before = token_ranks(attention_score(a, score), a["n_prefix"])
+    rank_next = token_ranks(attention_score(b, score), b["n_prefix"])
     rep = first_patch(a["source"])
     owner = patch_owner(b["source"])
     next_idx = torch.where(rep >= 0, owner.gather(1, rep.clamp_min(0)), -1)
@@ -218,13 +233,14 @@ def follow_tokens(trace: Trace, layer: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def inattentive_to_attentive(trace: Trace, keep: float, population: str = "merged",
-                             policy: str | None = "imagepiece") -> dict[int, Share]:
+                             policy: str | None = "imagepiece", score: str = "token") -> dict[int, Share]:
     """Per re-tokenize block l, the share of inattentive tokens that are attentive in block l+1.
 
     Attentive = inside the top `keep` fraction by CLS attention of the block (top_count).
     population: 'merged' counts the inattentive tokens that took part in a merge at l (as
     src or dst: those that were re-tokenized); 'inattentive' counts all inattentive tokens.
     Re-tokenize blocks = blocks with a merge step of `policy` (None: of any policy).
+    score: what ranks tokens in both blocks (`attention_score`: 'token' or 'patch').
     """
     out: dict[int, Share] = {}
     layers = sorted({e["layer"] for e in entries(trace, "merge", policy=policy)})
@@ -233,7 +249,7 @@ def inattentive_to_attentive(trace: Trace, keep: float, population: str = "merge
             continue
         a = _one(trace, "attn", layer)
         assert a is not None
-        before, after, _ = follow_tokens(trace, layer)
+        before, after, _ = follow_tokens(trace, layer, score)
         n_prefix = a["n_prefix"]
         inatt = before >= top_count(keep, a["cls_attn"].shape[1] - n_prefix)
         if population == "merged":

@@ -7,6 +7,7 @@ speed columns of a row.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,10 @@ def speed_fields(r: SpeedResult | None, protocol: SpeedProtocol) -> dict[str, An
         "img_s_max": round(r.images_per_s_max, 2), "speedup_median": round(r.speedup, 4),
         "speedup_min": round(r.speedup_min, 4), "speedup_max": round(r.speedup_max, 4),
         "repeats": protocol.repeats, "min_seconds": protocol.min_seconds, "compile": protocol.compile,
+        "latency_ms_median": results.cell(r.latency_ms, 3), "latency_ms_p90": results.cell(r.latency_ms_p90, 3),
+        "peak_mem_mib": results.cell(r.peak_mib, 2), "attention_backend": r.attention,
+        "compile_mode": protocol.compile_mode if protocol.compile else "",
+        "compiled_graphs": r.compiled_graphs, "recompiles": r.recompiles,
     }
 
 
@@ -152,31 +157,40 @@ def run_flops(spec: RunSpec, policies: list[Policy], images: int, out: Path,
 
 
 def run_speed(spec: RunSpec, policies: list[Policy], protocol: SpeedProtocol, out: Path,
-              progress: Progress | None = None) -> CostOutcome:
-    """Interleaved throughput of the baseline and every reducer on one fixed batch of real images."""
+              progress: Progress | None = None, batch_sizes: list[int] | None = None) -> CostOutcome:
+    """Interleaved throughput of the baseline and every reducer on a fixed batch of real images,
+    at each of `batch_sizes` (default: the protocol's one) in turn: every configuration is timed
+    against the baseline AT THAT batch size, and each (configuration, batch size) is one row."""
     progress = progress or Silent()
+    sizes = list(dict.fromkeys(batch_sizes or [protocol.batch_size]))
     csv_path = results.prepare_csv(out, "speed", results.SWEEP_COLUMNS)
-    ctx = open_run(spec, source_limit=protocol.batch_size)
+    ctx = open_run(spec, source_limit=max(sizes))
     configs = _configs(ctx, policies)
     variants = Variants(ctx.net)
-    uint8 = ctx.first_images(protocol.batch_size)
+    uint8 = ctx.first_images(max(sizes))
     nets = {c.spec: variants(c.policy) for c in configs}
-    res = time_configs(ctx, nets, fixed_batch(uint8, protocol.batch_size), protocol, progress)
     outcome = CostOutcome(ctx=ctx, csv_path=csv_path)
-    unsteady = spread_note(res, {c.spec: c.label for c in configs})
-    if unsteady:
-        outcome.notes.append(unsteady)
     base = configs[0].gmacs
-    for c in configs:
-        row = {
-            **ctx.row_fields(), "num_images": len(uint8), "batch_size": protocol.batch_size,
-            "config_key": results.config_key({"command": "speed", **ctx.identity(), "reducer": c.spec,
-                                              "threads": ctx.threads, **protocol.key_fields()}),
-            **c.fields(), "gmacs_analytic": round(c.gmacs, 4) if c.gmacs is not None else "",
-            "gmacs_ratio": round(base / c.gmacs, 4) if base and c.gmacs else "",
-            **speed_fields(res[c.spec], protocol),
-        }
-        results.append_row(csv_path, row, results.SWEEP_COLUMNS)
-        outcome.rows.append(row)
-        progress.row_written(f"row: {c.label}: {res[c.spec].images_per_s:.1f} img/s, {res[c.spec].speedup:.2f}x")
+    for size in sizes:
+        at = dataclasses.replace(protocol, batch_size=size)
+        if len(sizes) > 1:
+            progress.log(f"batch size {size}")
+        res = time_configs(ctx, nets, fixed_batch(uint8, size), at, progress)
+        unsteady = spread_note(res, {c.spec: c.label for c in configs})
+        if unsteady:
+            outcome.notes.append(f"batch {size}: {unsteady}" if len(sizes) > 1 else unsteady)
+        for c in configs:
+            row = {
+                **ctx.row_fields(), "num_images": min(len(uint8), size), "batch_size": size,
+                "config_key": results.config_key({"command": "speed", **ctx.identity(), "reducer": c.spec,
+                                                  "threads": ctx.threads, **at.key_fields()}),
+                **c.fields(), "gmacs_analytic": round(c.gmacs, 4) if c.gmacs is not None else "",
+                "gmacs_ratio": round(base / c.gmacs, 4) if base and c.gmacs else "",
+                **speed_fields(res[c.spec], at),
+            }
+            results.append_row(csv_path, row, results.SWEEP_COLUMNS)
+            outcome.rows.append(row)
+            r = res[c.spec]
+            progress.row_written(f"row: {c.label}, batch {size}: {r.images_per_s:.1f} img/s, {r.speedup:.2f}x, "
+                                 f"{r.latency_ms:.1f} ms")
     return outcome

@@ -60,10 +60,7 @@ def run_eval(spec: RunSpec, reducer: Policy, out: Path, progress: Progress | Non
         "training_free": fields["training_free"],
         "tokens_per_layer": fields["tokens_per_layer"],
         "final_tokens": fields["final_tokens"],
-        "top1": results.cell(res.top1, 3),
-        "top5": results.cell(res.top5, 3),
-        "correct1": res.correct1,
-        "correct5": res.correct5,
+        **results.accuracy_fields(res.correct1, res.correct5, res.total),
     }
     if ctx.world.main:
         results.write_predictions(out, row["config_key"], *predictions.records())

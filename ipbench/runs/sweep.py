@@ -165,8 +165,7 @@ def _measure(ctx: RunContext, req: SweepRequest, baseline: Config, pending: list
                 **speed_fields(speeds.get(spec), req.speed),
             }
             if res is not None:
-                row.update(top1=results.cell(res.top1, 3), top5=results.cell(res.top5, 3),
-                           correct1=res.correct1 if res.total else "", correct5=res.correct5 if res.total else "")
+                row.update(results.accuracy_fields(res.correct1, res.correct5, res.total))
             results.append_row(csv_path, row, results.SWEEP_COLUMNS)
             top1 = "" if res is None or res.top1 is None else f", top-1 {res.top1:.1f}"
             speed = f", {speeds[spec].speedup:.2f}x" if spec in speeds else ""

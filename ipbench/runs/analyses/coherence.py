@@ -23,7 +23,7 @@ from ipbench.measure.accuracy import Result
 from ipbench.reducers import Policy, set_tracing
 from ipbench.reducers.imagepiece import checkpoint_has_conv_stem, load_conv_stem_checkpoint
 from ipbench.reducers.trace import merged_pair_similarity
-from ipbench.results import COHERENCE_COLUMNS, cell
+from ipbench.results import COHERENCE_COLUMNS, accuracy_fields, cell
 from ipbench.runs.analyses import common
 from ipbench.runs.analyses.similarity import Moments, merge_op
 from ipbench.runs.context import RunSpec
@@ -189,8 +189,7 @@ def run(spec: RunSpec, out: Path, bases: list[Policy], localities: list[float], 
         row = {
             **su.row_fields(cfg, key),
             "locality": p["locality"], "retok": p["retok"], "stem": p["stem"],
-            "top1": cell(m.res.top1, 3), "top5": cell(m.res.top5, 3),
-            "correct1": m.res.correct1 if m.res.total else "", "correct5": m.res.correct5 if m.res.total else "",
+            **accuracy_fields(m.res.correct1, m.res.correct5, m.res.total),
             "gmacs": cell(gmacs if gmacs != "" else None, 4),
             "gmacs_analytic": cell(cfg.gmacs, 4), "flop_counter": counter,
             "sim_metric": cell(m.sims["metric"].mean, 5),

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ipbench.errors import UserError
 from ipbench.reducers import Policy
-from ipbench.results import ROBUSTNESS_COLUMNS, cell
+from ipbench.results import ROBUSTNESS_COLUMNS, accuracy_fields
 from ipbench.runs.analyses import common
 from ipbench.runs.analyses.masking import (
     DEFAULT_COUNTS,
@@ -99,10 +99,7 @@ def run(spec: RunSpec, out: Path, policies: list[Policy], counts: list[int] | No
                 "mask_fraction": round(c / n_patches, 4),
                 "placement": placement,
                 "fill": fill,
-                "top1": cell(res.top1, 3),
-                "top5": cell(res.top5, 3),
-                "correct1": res.correct1,
-                "correct5": res.correct5,
+                **accuracy_fields(res.correct1, res.correct5, res.total),
             }
             run.write(csv_path, row, ROBUSTNESS_COLUMNS, records)
             outcome.rows.append(row)
