@@ -319,12 +319,14 @@ def test_real_images_merged_pairs_are_similar_and_predictions_hold(real_model, s
     assert first["sim_metric"].mean() > 0.5  # the matched keys are alike, not random pairs
 
 
-@pytest.mark.slow
 def test_accuracy_on_the_shared_images_matches_the_prototype(real_model, data_path):
-    """METHODS.md: training-free ImagePiece ρ0.7, r=⌊k/4⌋ on DeiT-Tiny gives 79.2 top-1."""
+    """METHODS.md: training-free ImagePiece ρ0.7, r=⌊k/4⌋ on DeiT-Tiny gives 79.2 top-1 (791 of the
+    1000 shared images, pinned through the command line in tests/reference/full1000.json). Here a
+    loop of its own, outside ipbench's batch loop, on 200 of them (every 5th): the count the
+    command line gave in tests/reference/sweep200.json."""
     from ipbench.data import batched, decode_all, normalize, open_source
 
-    source = open_source(str(data_path), real_model)
+    source = open_source(str(data_path), real_model, limit=200)
     images, labels = decode_all(source, max_bytes=1 << 30)
     apply_reducer(real_model, parse_spec("imagepiece:keep=0.7"))
     correct = 0
@@ -334,6 +336,6 @@ def test_accuracy_on_the_shared_images_matches_the_prototype(real_model, data_pa
                 correct += (real_model(normalize(batch, source.mean, source.std)).argmax(-1) == y).sum().item()
     finally:
         remove_reducer(real_model)
-    assert len(labels) == 1000
-    assert abs(100 * correct / len(labels) - 79.2) <= 1.5
-    assert correct == 791  # exactly the pinned count (tests/reference/full1000.json), by a loop of its own
+    assert len(labels) == 200
+    assert abs(100 * correct / len(labels) - 79.2) <= 3.0
+    assert correct == 157  # exactly the pinned count (tests/reference/sweep200.json), by a loop of its own

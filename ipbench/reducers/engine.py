@@ -89,12 +89,17 @@ class TokenState:
         centroids stay size-weighted, since they describe patches, not features.
         """
         w = self.sizes(x)
-        x = merge_weighted(x, w if weight is None else weight, plan)
+        size = merge_sum(w, plan)  # once: the new sizes are also the size-weighted average's divisor
+
+        def average(t: Tensor) -> Tensor:  # = merge_weighted(t, w, plan), its divisor reused
+            return merge_sum(t * w, plan) / size if plan.src.shape[1] else gather_tokens(t, plan.keep)
+
+        x = average(x) if weight is None else merge_weighted(x, weight, plan)
         if self.pos is not None:
-            self.pos = merge_weighted(self.pos, w, plan)
+            self.pos = average(self.pos)
         if self.source is not None:
             self.source = merge_sum(self.source, plan)
-        self.size = merge_sum(w, plan)
+        self.size = size
         return x
 
     def keep(self, x: Tensor, idx: Tensor, fuse: Tensor | None = None,
@@ -209,6 +214,7 @@ class _PatchedBlock:
         x = x + self.drop_path1(self.ls1(a))
         ev = _cls_evidence(self.attn, captured[0], bias, "keys" in needs,
                            "cls_attn" in needs) if captured else Evidence()
+        captured.clear()  # the block's qkv [B, N, 3C] must not stay alive through the MLP (peak memory)
         if tracing:
             st.record(op="attn", n_prefix=st.n_prefix, grid=st.grid, cls_attn=ev.cls_attn,
                       size=st.size, source=st.source, pos=st.pos)

@@ -59,14 +59,18 @@ def merge_weighted(t: Tensor, weight: Tensor, plan: MergePlan) -> Tensor:
     return merge_sum(t * weight, plan) / merge_sum(weight, plan)
 
 
-def alternate_split(n_tokens: int, n_prefix: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """ToMe's A/B sets: A = even absolute positions, B = odd, prefix tokens left out.
+def alternate_starts(n_prefix: int) -> tuple[int, int]:
+    """First positions of ToMe's A and B sets: A = even absolute positions, B = odd, prefix left out.
 
     Keeping the absolute parity makes the split identical to the official code for one class
     token, while every prefix token (distillation, registers) stays protected.
     """
-    first_even = n_prefix + n_prefix % 2
-    first_odd = n_prefix + 1 - n_prefix % 2
+    return n_prefix + n_prefix % 2, n_prefix + 1 - n_prefix % 2
+
+
+def alternate_split(n_tokens: int, n_prefix: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """ToMe's A/B sets as index tensors (`alternate_starts`, every second token from there)."""
+    first_even, first_odd = alternate_starts(n_prefix)
     return (torch.arange(first_even, n_tokens, 2, device=device),
             torch.arange(first_odd, n_tokens, 2, device=device))
 
@@ -83,7 +87,13 @@ def bipartite_match(
     (unm sorted, so the survivors keep their order), dst_b [B, r] are positions in B.
     """
     m = metric / metric.norm(dim=-1, keepdim=True)
-    scores = gather_tokens(m, a_idx) @ gather_tokens(m, b_idx).transpose(1, 2)
+    return match_sets(gather_tokens(m, a_idx), gather_tokens(m, b_idx), r, score_bias)
+
+
+def match_sets(ma: Tensor, mb: Tensor, r: int, score_bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """`bipartite_match` on the two sets' normalised metrics ma [B, Na, C], mb [B, Nb, C] (a
+    strided view for ToMe's alternate split: no gather); the same (src, dst_b, unm)."""
+    scores = ma @ mb.transpose(1, 2)
     if score_bias is not None:
         scores = scores + score_bias
     best, best_b = scores.max(dim=-1)
@@ -103,6 +113,19 @@ def bipartite_plan(
     prefix = torch.arange(n_prefix, device=metric.device).expand(bsz, -1)
     keep = torch.cat([prefix, a_idx.gather(1, unm), b_idx], dim=1)
     return MergePlan(keep=keep, src=a_idx.gather(1, src), dst=dst_b + n_prefix + unm.shape[1])
+
+
+def alternate_plan(metric: Tensor, r: int, n_prefix: int) -> MergePlan:
+    """`bipartite_plan` for ToMe's alternate split, the same plan with fewer ops: the sets are
+    strided views of the metric and their positions arithmetic (A's i-th token is a0 + 2i)."""
+    bsz, n, _ = metric.shape
+    a0, b0 = alternate_starts(n_prefix)
+    m = metric / metric.norm(dim=-1, keepdim=True)
+    src, dst_b, unm = match_sets(m[:, a0::2], m[:, b0::2], r)
+    b_idx = torch.arange(b0, n, 2, device=metric.device).expand(bsz, -1)
+    prefix = torch.arange(n_prefix, device=metric.device).expand(bsz, -1)
+    keep = torch.cat([prefix, unm * 2 + a0, b_idx], dim=1)
+    return MergePlan(keep=keep, src=src * 2 + a0, dst=dst_b + n_prefix + unm.shape[1])
 
 
 def rank_tokens(score: Tensor, n_prefix: int) -> Tensor:

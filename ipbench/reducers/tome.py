@@ -7,7 +7,7 @@ from torch import Tensor
 from ipbench.errors import UserError
 from ipbench.reducers.engine import Evidence, TokenState
 from ipbench.reducers.knobs import MergeCount
-from ipbench.reducers.matching import alternate_split, bipartite_plan
+from ipbench.reducers.matching import alternate_plan
 from ipbench.reducers.policy import Param, Policy
 from ipbench.reducers.spec import register
 from ipbench.reducers.trace import record_merge
@@ -53,12 +53,10 @@ class ToMe(Policy):
         return n - self._r_at(layer, n, n_prefix)
 
     def reduce(self, layer: int, x: Tensor, ev: Evidence, st: TokenState) -> Tensor:
-        bsz, n, _ = x.shape
+        n = x.shape[1]
         r = self._r_at(layer, n, st.n_prefix)
         if r <= 0:
             return x
-        a_idx, b_idx = alternate_split(n, st.n_prefix, x.device)
-        plan = bipartite_plan(ev.keys, r, st.n_prefix, a_idx.expand(bsz, -1),
-                              b_idx.expand(bsz, -1))
+        plan = alternate_plan(ev.keys, r, st.n_prefix)
         record_merge(st, self.name, plan, ev.keys, x, ev.cls_attn)
         return st.merge(x, plan)
