@@ -34,6 +34,7 @@ from ipbench.csvfile import (  # noqa: F401  (append_row, check_header, DamagedR
 )
 from ipbench.errors import UserError
 from ipbench.schemas import (  # noqa: F401  (the schemas are results' API)
+    ACCURACY_COLUMNS,
     ACCURACY_INTERVAL_COLUMNS,
     ADDED_COLUMNS,
     ATTENTIVENESS_COLUMNS,
@@ -67,7 +68,7 @@ def accuracy_fields(correct1: int, correct5: int, n: int, digits: int = 3) -> di
     from ipbench.stats import interval
 
     if n <= 0:
-        return dict.fromkeys(["top1", "top5", "correct1", "correct5", *ACCURACY_INTERVAL_COLUMNS], "")
+        return dict.fromkeys(ACCURACY_COLUMNS, "")
     lo1, hi1 = interval(correct1, n)
     lo5, hi5 = interval(correct5, n)
     return {"top1": cell(100.0 * correct1 / n, digits), "top5": cell(100.0 * correct5 / n, digits),

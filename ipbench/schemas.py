@@ -14,6 +14,9 @@ ACCURACY_INTERVAL_COLUMNS: list[str] = [
     "top5_low",
     "top5_high",
 ]
+# The accuracy cells of a row, as `results.accuracy_fields` fills them: percentages, the exact
+# counts behind them, then the sample size and the intervals.
+ACCURACY_COLUMNS: list[str] = ["top1", "top5", "correct1", "correct5", *ACCURACY_INTERVAL_COLUMNS]
 
 # What a timed configuration needed beside its time (ipbench.measure.footprint), and its latency.
 SPEED_DETAIL_COLUMNS: list[str] = [
@@ -43,11 +46,7 @@ EVAL_COLUMNS: list[str] = [
     "training_free",
     "tokens_per_layer",
     "final_tokens",
-    "top1",
-    "top5",
-    "correct1",
-    "correct5",
-    *ACCURACY_INTERVAL_COLUMNS,
+    *ACCURACY_COLUMNS,
     "device",
     "device_name",
     "dtype",  # the precision the model computed in: amp_dtype under autocast, else model_dtype
@@ -87,11 +86,7 @@ SWEEP_COLUMNS: list[str] = [
     "gmacs_analytic",  # from the static token plan
     "flop_counter",
     "gmacs_ratio",  # baseline GMACs / this row's GMACs
-    "top1",
-    "top5",
-    "correct1",
-    "correct5",
-    *ACCURACY_INTERVAL_COLUMNS,
+    *ACCURACY_COLUMNS,
     "img_s_median",
     "img_s_min",
     "img_s_max",
@@ -157,11 +152,7 @@ ROBUSTNESS_COLUMNS: list[str] = [
     "mask_fraction",  # mask_count / patches of the grid
     "placement",  # patch (distinct grid cells) | free (any pixel position, may overlap)
     "fill",  # zero (0 in normalised space) | mean (the image's channel means) | noise (N(0,1), normalised)
-    "top1",
-    "top5",
-    "correct1",
-    "correct5",
-    *ACCURACY_INTERVAL_COLUMNS,
+    *ACCURACY_COLUMNS,
     *_ANALYSIS_TAIL,
 ]
 
@@ -210,11 +201,7 @@ COHERENCE_COLUMNS: list[str] = [
     "locality",  # λ of the training-free locality penalty (0 = off)
     "retok",  # merge | prune (the control: same schedule, pairs dropped)
     "stem",  # patch (timm's patch embedding) | conv (the learned local-coherence stem)
-    "top1",
-    "top5",
-    "correct1",
-    "correct5",
-    *ACCURACY_INTERVAL_COLUMNS,
+    *ACCURACY_COLUMNS,
     "gmacs",  # fvcore (+ SDPA handle) on one image
     "gmacs_analytic",  # from the static token plan (empty for the conv stem)
     "flop_counter",  # fvcore+sdpa, or analytic where torch.jit cannot trace the reducer

@@ -4,8 +4,8 @@ import torch
 
 from ipbench.reducers.matching import (
     MergePlan,
-    alternate_split,
-    bipartite_plan,
+    alternate_plan,
+    alternate_starts,
     fuse_tokens,
     keep_plan,
     merge_sum,
@@ -15,18 +15,17 @@ from ipbench.reducers.matching import (
 
 
 def test_alternate_split_keeps_absolute_parity_and_protects_prefix():
-    a, b = alternate_split(7, 1, torch.device("cpu"))
-    assert a.tolist() == [2, 4, 6] and b.tolist() == [1, 3, 5]
-    a, b = alternate_split(7, 2, torch.device("cpu"))  # class + distillation token
-    assert a.tolist() == [2, 4, 6] and b.tolist() == [3, 5]
+    a0, b0 = alternate_starts(1)
+    assert list(range(a0, 7, 2)) == [2, 4, 6] and list(range(b0, 7, 2)) == [1, 3, 5]
+    a0, b0 = alternate_starts(2)  # class + distillation token
+    assert list(range(a0, 7, 2)) == [2, 4, 6] and list(range(b0, 7, 2)) == [3, 5]
 
 
 def test_bipartite_plan_merges_the_most_similar_pair():
     # positions: 0 = class, A = {2, 4}, B = {1, 3}. Token 4 is a copy of token 3 (cos 1),
     # token 2 is only loosely similar to token 1.
     metric = torch.tensor([[[1.0, 0, 0], [0, 1, 0], [0, 1, 1], [0, 0, 1], [0, 0, 2]]])
-    a, b = alternate_split(5, 1, metric.device)
-    plan = bipartite_plan(metric, 1, 1, a[None], b[None])
+    plan = alternate_plan(metric, 1, 1)
     assert plan.keep.tolist() == [[0, 2, 1, 3]]  # prefix, unmerged A, then B
     assert plan.src.tolist() == [[4]]
     assert plan.dst.tolist() == [[3]]  # the slot of token 3
@@ -37,8 +36,7 @@ def test_bipartite_match_merges_several_a_tokens_into_one_b_token():
     # token 6 is at best cos 0.707 from token 5, so with r=2 it survives.
     metric = torch.tensor([[[1.0, 0, 0], [0, 1, 0], [0, 2, 0], [0, 0, 1], [0, 3, 0], [1, 0, 1],
                             [1, 0, 0]]])
-    a, b = alternate_split(7, 1, metric.device)
-    plan = bipartite_plan(metric, 2, 1, a[None], b[None])
+    plan = alternate_plan(metric, 2, 1)
     assert sorted(plan.src.tolist()[0]) == [2, 4]
     assert plan.keep.tolist() == [[0, 6, 1, 3, 5]]
     assert plan.dst.tolist() == [[2, 2]]  # both into the slot of token 1
@@ -50,6 +48,7 @@ def test_weighted_merge_is_size_weighted_average_and_sizes_add():
     plan = MergePlan(keep=torch.tensor([[0, 1, 3]]), src=torch.tensor([[2]]), dst=torch.tensor([[1]]))
     out = merge_weighted(x, size, plan)
     assert out[0, :, 0].tolist() == [0.0, (1 * 1 + 4 * 3) / 4, 10.0]
+    assert torch.equal(merge_weighted(x, size, plan, merge_sum(size, plan)), out)  # the sizes given, not redone
     assert merge_sum(size, plan)[0, :, 0].tolist() == [1.0, 4.0, 2.0]
 
 

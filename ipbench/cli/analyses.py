@@ -14,7 +14,7 @@ import typer
 from ipbench.cli.app import app, handle_errors
 from ipbench.cli.display import Display, label, paper_console, paper_table
 from ipbench.cli.options import ForceOpt, OutOpt, policies, run_options
-from ipbench.plots.frames import with_interval
+from ipbench.plots.frames import interval_cell
 
 if TYPE_CHECKING:
     from ipbench.runs.analyses.common import Outcome
@@ -103,16 +103,9 @@ def _robustness_table(out: Outcome) -> None:
     for r in out.rows:
         by_spec.setdefault(r["reducer_spec"], {})[int(r["mask_count"])] = r
         rows[r["reducer_spec"]] = r
-
-    def pct(r: dict[str, Any] | None) -> str:
-        if r is None or r.get("top1", "") == "":
-            return "-"
-        low, high = (float(r[k]) if r.get(k, "") != "" else float("nan") for k in ("top1_low", "top1_high"))
-        return with_interval(float(r["top1"]), low, high)
-
     for spec, cells in by_spec.items():
         name = f"{model} (no reduction)" if spec == "none" else label(rows[spec])
-        t.add_row(name, str(rows[spec]["final_tokens"]), *[pct(cells.get(c)) for c in counts])
+        t.add_row(name, str(rows[spec]["final_tokens"]), *[interval_cell(cells.get(c, {})) for c in counts])
     paper_console().print(t)
 
 

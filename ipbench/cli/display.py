@@ -128,16 +128,6 @@ def _any(rows: list[dict[str, Any]], column: str) -> bool:
     return any(row.get(column) not in ("", None) for row in rows)
 
 
-def _with_interval(row: dict[str, Any]) -> str:
-    from ipbench.plots.frames import with_interval
-
-    def num(key: str) -> float:
-        value = row.get(key, "")
-        return float("nan") if value in ("", None) else float(value)
-
-    return with_interval(num("top1"), num("top1_low"), num("top1_high"), digits=1)
-
-
 def rows_table(rows: list[dict[str, Any]], title: str, caption: str | None = None,
                columns: tuple[str, ...] = ("keep", "tokens", "gmacs", "top1", "speed")) -> Table:
     """A table of result rows (CSV rows or the dicts written): the numbers a user compares.
@@ -173,7 +163,9 @@ def rows_table(rows: list[dict[str, Any]], title: str, caption: str | None = Non
         add("ratio", [_num(r.get("gmacs_ratio"), ".2f") for r in rows])
     if "top1" in columns and _any(rows, "top1"):
         if _any(rows, "top1_low"):
-            add("top-1 % [95 % CI]", [_with_interval(r) for r in rows])
+            from ipbench.plots.frames import interval_cell
+
+            add("top-1 % [95 % CI]", [interval_cell(r, digits=1) for r in rows])
         else:
             add("top-1 %", [_num(r.get("top1"), ".1f") for r in rows])
     if "speed" in columns and _any(rows, "img_s_median"):

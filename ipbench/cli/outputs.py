@@ -134,4 +134,3 @@ def compare_cmd(
     path = folder / "compare.csv"
     pd.DataFrame(records).to_csv(path, index=False)
     typer.echo(f"{len(records)} comparison(s) written to {path}")
-

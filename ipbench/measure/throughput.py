@@ -181,11 +181,10 @@ def measure_throughput(
     """Time every model on the same batch, interleaved, and pair each with ``baseline``.
 
     ``models`` maps a name to a model; they are moved to ``device`` (default: the images'
-    device) and put in eval mode. ``warmup`` forward passes per model come first (the last one
-    sizes the timing loop; with ``compile=True`` the first one compiles, in ``compile_mode``, so
-    keep ``warmup >= 2``). Then ``repeats`` rounds: each times every model once for at least
-    ``min_seconds``, the order rotated each round. Returns one :class:`SpeedResult` per model, in
-    the order of ``models``.
+    device) and put in eval mode. ``warmup`` forward passes per model come first (with
+    ``compile=True`` the first one compiles, in ``compile_mode``, so keep ``warmup >= 2``). Then
+    ``repeats`` rounds: each times every model once for at least ``min_seconds``, the order
+    rotated each round. Returns one :class:`SpeedResult` per model, in the order of ``models``.
     """
     from ipbench.measure import footprint
 
@@ -213,24 +212,25 @@ def measure_throughput(
     seconds: dict[str, list[float]] = {name: [] for name in names}
     calls: dict[str, list[float]] = {name: [] for name in names}
     extra: dict[str, dict[str, Any]] = {}
+    graphs: Callable[[], int] = footprint.compile_count if compile else lambda: 0
     with torch.inference_mode(), precision:
         for name in names:
-            graphs = footprint.compile_count() if compile else 0
+            before = graphs()
             for _ in range(warmup):
                 runners[name](batch)
             sync()
             extra[name] = {"peak_mib": footprint.peak_forward_mib(runners[name], batch),
                            "attention": footprint.attention_backends(models[name], batch),
-                           "compiled_graphs": footprint.compile_count() - graphs if compile else 0}
+                           "compiled_graphs": graphs() - before}
             done += 1
             if progress:
                 progress(done, total_steps, f"warm-up {name}")
         recompiles = dict.fromkeys(names, 0)
         for r in range(repeats):
             for name in _rotated(names, r):
-                before = footprint.compile_count() if compile else 0
+                before = graphs()
                 timed = _time_calls(runners[name], batch, min_seconds, sync)
-                recompiles[name] += (footprint.compile_count() - before) if compile else 0
+                recompiles[name] += graphs() - before
                 seconds[name].append(sum(timed) / len(timed))
                 calls[name].extend(timed)
                 done += 1

@@ -163,6 +163,16 @@ def with_interval(value: float, low: float, high: float, digits: int = 2) -> str
     return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
+def interval_cell(row: dict[str, Any], digits: int = 2) -> str:
+    """`with_interval` of one row as a dict (a CSV row's strings, or the values written): its top1
+    and its 95 % interval, '-' where it has no top1."""
+    def num(key: str) -> float:
+        value = row.get(key, "")
+        return float("nan") if value in ("", None) else float(value)
+
+    return with_interval(num("top1"), num("top1_low"), num("top1_high"), digits)
+
+
 def as_percent(values: pd.Series) -> pd.Series:
     """Shares in percent: values all within [0, 1] are taken as fractions and scaled by 100."""
     finite = values.dropna()

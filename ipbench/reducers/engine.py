@@ -90,13 +90,9 @@ class TokenState:
         """
         w = self.sizes(x)
         size = merge_sum(w, plan)  # once: the new sizes are also the size-weighted average's divisor
-
-        def average(t: Tensor) -> Tensor:  # = merge_weighted(t, w, plan), its divisor reused
-            return merge_sum(t * w, plan) / size if plan.src.shape[1] else gather_tokens(t, plan.keep)
-
-        x = average(x) if weight is None else merge_weighted(x, weight, plan)
+        x = merge_weighted(x, w, plan, size) if weight is None else merge_weighted(x, weight, plan)
         if self.pos is not None:
-            self.pos = average(self.pos)
+            self.pos = merge_weighted(self.pos, w, plan, size)
         if self.source is not None:
             self.source = merge_sum(self.source, plan)
         self.size = size

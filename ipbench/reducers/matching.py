@@ -49,14 +49,15 @@ def merge_sum(t: Tensor, plan: MergePlan) -> Tensor:
     return out
 
 
-def merge_weighted(t: Tensor, weight: Tensor, plan: MergePlan) -> Tensor:
+def merge_weighted(t: Tensor, weight: Tensor, plan: MergePlan, total: Tensor | None = None) -> Tensor:
     """Weighted average of each output slot's members (ToMe's size-weighted merge).
 
-    weight is [B, N, 1]; a slot with a single member keeps its value exactly.
+    weight is [B, N, 1]; a slot with a single member keeps its value exactly. `total`, where the
+    caller has it already (the merged sizes), is ``merge_sum(weight, plan)``: not computed again.
     """
     if not plan.src.shape[1]:
         return gather_tokens(t, plan.keep)
-    return merge_sum(t * weight, plan) / merge_sum(weight, plan)
+    return merge_sum(t * weight, plan) / (merge_sum(weight, plan) if total is None else total)
 
 
 def alternate_starts(n_prefix: int) -> tuple[int, int]:
@@ -66,13 +67,6 @@ def alternate_starts(n_prefix: int) -> tuple[int, int]:
     token, while every prefix token (distillation, registers) stays protected.
     """
     return n_prefix + n_prefix % 2, n_prefix + 1 - n_prefix % 2
-
-
-def alternate_split(n_tokens: int, n_prefix: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """ToMe's A/B sets as index tensors (`alternate_starts`, every second token from there)."""
-    first_even, first_odd = alternate_starts(n_prefix)
-    return (torch.arange(first_even, n_tokens, 2, device=device),
-            torch.arange(first_odd, n_tokens, 2, device=device))
 
 
 def bipartite_match(
@@ -103,21 +97,10 @@ def match_sets(ma: Tensor, mb: Tensor, r: int, score_bias: Tensor | None = None)
     return src, best_b.gather(1, src), unm
 
 
-def bipartite_plan(
-    metric: Tensor, r: int, n_prefix: int, a_idx: Tensor, b_idx: Tensor,
-    score_bias: Tensor | None = None,
-) -> MergePlan:
-    """MergePlan of ToMe's step: output = [prefix, unmerged A (in order), B (merged into)]."""
-    bsz = metric.shape[0]
-    src, dst_b, unm = bipartite_match(metric, a_idx, b_idx, r, score_bias)
-    prefix = torch.arange(n_prefix, device=metric.device).expand(bsz, -1)
-    keep = torch.cat([prefix, a_idx.gather(1, unm), b_idx], dim=1)
-    return MergePlan(keep=keep, src=a_idx.gather(1, src), dst=dst_b + n_prefix + unm.shape[1])
-
-
 def alternate_plan(metric: Tensor, r: int, n_prefix: int) -> MergePlan:
-    """`bipartite_plan` for ToMe's alternate split, the same plan with fewer ops: the sets are
-    strided views of the metric and their positions arithmetic (A's i-th token is a0 + 2i)."""
+    """MergePlan of ToMe's step on its alternate split (`alternate_starts`): output = [prefix,
+    unmerged A (in order), B (merged into)]. The sets are strided views of the metric, not gathers,
+    and their positions arithmetic (A's i-th token is a0 + 2i)."""
     bsz, n, _ = metric.shape
     a0, b0 = alternate_starts(n_prefix)
     m = metric / metric.norm(dim=-1, keepdim=True)
