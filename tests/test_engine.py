@@ -195,7 +195,7 @@ def test_evit_matches_slow_official_algorithm(deit_tiny, real_batch, fuse):
 
 
 def test_cls_attention_row_equals_full_matrix(deit_tiny, real_batch):
-    from ipbench.reducers.engine import _cls_evidence
+    from ipbench.reducers.evidence import qkv_evidence
 
     blk = deit_tiny.blocks[4]
     with torch.inference_mode():
@@ -204,9 +204,11 @@ def test_cls_attention_row_equals_full_matrix(deit_tiny, real_batch):
         _, probs, keys = _explicit_attention(blk, x, size)
         qkv = blk.attn.qkv(blk.norm1(x))
         bias = size.log().transpose(1, 2).unsqueeze(1)
-        ev = _cls_evidence(blk.attn, qkv, bias, need_keys=True, need_cls=True)
+        ev = qkv_evidence(blk.attn, qkv, bias, frozenset({"keys", "cls_attn", "vnorm"}))
+        v = qkv.reshape(2, x.shape[1], 3, -1)[:, :, 2]
     assert torch.allclose(ev.cls_attn, probs[:, :, 0].mean(1), atol=1e-6)
     assert torch.allclose(ev.keys, keys, atol=1e-6)
+    assert torch.allclose(ev.vnorm, (v * v).sum(-1).sqrt(), atol=1e-5)
 
 
 def test_avg_pool_is_size_weighted():

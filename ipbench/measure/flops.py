@@ -50,7 +50,7 @@ ZERO_MAC_OPS: frozenset[str] = frozenset(
         # element-wise arithmetic and activations
         "add add_ sub sub_ rsub mul mul_ div div_ neg reciprocal pow sqrt rsqrt exp log log_ "
         "abs sign clamp_min clamp_max minimum maximum where lerp fill_ zero_ "
-        "gelu gelu_ silu silu_ sigmoid sigmoid_ tanh tanh_ hardtanh softplus erf "
+        "gelu gelu_ elu elu_ silu silu_ sigmoid sigmoid_ tanh tanh_ hardtanh softplus erf "
         # comparisons and logic
         "lt le ne logical_and logical_or logical_not bitwise_and bitwise_or isinf isnan "
         # normalised exponentials and reductions
@@ -313,4 +313,5 @@ def analytic_gmacs(model: nn.Module, plan: TokenCounts | None = None) -> float:
     for block, n_a, n_m in zip(blocks, attn_tokens, mlp_tokens):
         macs += _block_macs(block, n_a, n_m)
     macs += _head_macs(model, mlp_tokens[-1])
+    macs += sum(getattr(plan, "extra_macs", ()))  # a policy's own matrix products, where it declares them
     return macs / 1e9

@@ -3,7 +3,19 @@
 Importing this package registers every built-in reducer.
 """
 
-from ipbench.reducers import combine, evit, imagepiece, mstm, none, tome  # noqa: F401  (registration)
+from ipbench.reducers import (  # noqa: F401  (registration)
+    combine,
+    diffrate,
+    evit,
+    imagepiece,
+    mstm,
+    none,
+    pitome,
+    ppt,
+    tofu,
+    tome,
+    zerotprune,
+)
 from ipbench.reducers.engine import (
     Evidence,
     TokenPlan,

@@ -94,6 +94,11 @@ class Combination(Policy):
         if dup:
             raise UserError(f"{'+'.join(names)}: {dup[0]} appears twice; each reducer at most once "
                             "(give it a per-block list instead)")
+        alone = [p.name for p in parts if not p.combinable]
+        if alone:
+            raise UserError(f"{'+'.join(names)}: {alone[0]} cannot be combined with other reducers "
+                            "(its evidence or its per-image token count is not re-indexed through a "
+                            "partner's reduction); run it on its own")
         for i, p in enumerate(parts):
             p.in_combination(parts[:i] + parts[i + 1:])
         self._parts = parts
@@ -158,6 +163,10 @@ class Combination(Policy):
     @property
     def prop_attn(self) -> bool:
         return any(p.prop_attn for p in self.parts)
+
+    def observe(self, model: nn.Module) -> None:
+        for p in self.parts:
+            p.observe(model)
 
     def prepare(self, model: nn.Module) -> None:
         for p in self.parts:

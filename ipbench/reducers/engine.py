@@ -13,6 +13,7 @@ unchanged, so `none` is timm bit for bit and costs nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ipbench.errors import UserError
+from ipbench.reducers.evidence import QKV_NEEDS, Evidence, attention_with_evidence, qkv_evidence
 from ipbench.reducers.matching import (
     MergePlan,
     fuse_tokens,
@@ -30,14 +32,6 @@ from ipbench.reducers.matching import (
 
 if TYPE_CHECKING:
     from ipbench.reducers.policy import Policy
-
-
-@dataclass
-class Evidence:
-    """What a block's attention tells the policy about its tokens."""
-
-    cls_attn: Tensor | None = None  # [B, N] CLS attention row, head mean, sums to 1
-    keys: Tensor | None = None  # [B, N, Dh] keys averaged over heads
 
 
 class TokenState:
@@ -82,11 +76,14 @@ class TokenState:
             return None
         return self.size.log().to(dtype).transpose(1, 2).unsqueeze(1)
 
-    def merge(self, x: Tensor, plan: MergePlan, weight: Tensor | None = None) -> Tensor:
+    def merge(self, x: Tensor, plan: MergePlan, weight: Tensor | None = None,
+              size_scale: Tensor | None = None) -> Tensor:
         """Apply a MergePlan: size-weighted average of x and centroids, sizes and sources add.
 
-        weight [B, N, 1] replaces the sizes as the weights of x only (MSTM: size × importance);
-        centroids stay size-weighted, since they describe patches, not features.
+        weight [B, N, 1] replaces the sizes as the weights of x only (MSTM: size × importance;
+        ones: an unweighted mean); centroids stay size-weighted, since they describe patches, not
+        features. size_scale [B, N, 1] multiplies each token's size before the sizes add (DiffRate
+        counts a merged token as s·cos of its best match).
         """
         w = self.sizes(x)
         size = merge_sum(w, plan)  # once: the new sizes are also the size-weighted average's divisor
@@ -95,8 +92,31 @@ class TokenState:
             self.pos = merge_weighted(self.pos, w, plan, size)
         if self.source is not None:
             self.source = merge_sum(self.source, plan)
-        self.size = size
+        self.size = size if size_scale is None else merge_sum(w * size_scale, plan)
         return x
+
+    def choose(self, x: Tensor, which: Tensor, first: Callable[[Tensor], Tensor],
+               second: Callable[[Tensor], Tensor]) -> Tensor:
+        """Per image, one of two reductions that leave the same token count: `first` where
+        which [B] is true, `second` elsewhere (PPT pools some images and prunes the others).
+
+        Both run on the whole batch and the rows are then picked: a branch only gathers and
+        averages tokens, so running both costs no matrix product beyond its matching.
+        """
+        before = (self.size, self.pos, self.source)
+        xa = first(x)
+        size_a, pos_a, source_a = self.size, self.pos, self.source
+        self.size, self.pos, self.source = before
+        xb = second(x)
+        pick = which.view(-1, 1, 1)
+        if size_a is not None or self.size is not None:
+            size_b = self.sizes(xb)
+            self.size = torch.where(pick, size_a if size_a is not None else torch.ones_like(size_b), size_b)
+        if self.pos is not None:
+            self.pos = torch.where(pick, pos_a, self.pos)
+        if self.source is not None:
+            self.source = torch.where(pick, source_a, self.source)
+        return torch.where(pick, xa, xb)
 
     def keep(self, x: Tensor, idx: Tensor, fuse: Tensor | None = None,
              weight: Tensor | None = None, fused_size: str = "one") -> Tensor:
@@ -149,24 +169,6 @@ class EngineState:
     last_state: TokenState | None = None
 
 
-def _cls_evidence(attn: nn.Module, qkv: Tensor, bias: Tensor | None, need_keys: bool,
-                  need_cls: bool) -> Evidence:
-    """CLS attention row in O(N·d) and head-mean keys, from the attention's qkv output."""
-    bsz, n, _ = qkv.shape
-    qkv = qkv.reshape(bsz, n, 3, attn.num_heads, attn.head_dim)
-    k = attn.k_norm(qkv[:, :, 1])  # [B, N, H, Dh]
-    ev = Evidence()
-    if need_keys:
-        ev.keys = k.mean(dim=2)
-    if need_cls:
-        q0 = attn.q_norm(qkv[:, 0, 0])  # [B, H, Dh]
-        logits = torch.einsum("bhd,bnhd->bhn", q0, k) * attn.scale
-        if bias is not None:
-            logits = logits + bias[:, 0]
-        ev.cls_attn = logits.float().softmax(dim=-1).mean(dim=1).to(qkv.dtype)
-    return ev
-
-
 _TRACE_NEEDS = frozenset({"cls_attn", "keys"})
 
 
@@ -198,18 +200,11 @@ class _PatchedBlock:
 
         # Tracing reads the evidence of every block (same ops, so outputs are unchanged).
         needs = (eng.policy.needs if active else frozenset()) | (_TRACE_NEEDS if tracing else frozenset())
-        captured: list[Tensor] = []
-        handle = None
-        if needs & {"cls_attn", "keys"}:
-            handle = self.attn.qkv.register_forward_hook(lambda m, i, o: captured.append(o))
-        try:
-            a = self.attn(self.norm1(x), attn_mask=bias)
-        finally:
-            if handle is not None:
-                handle.remove()
+        a, captured, matrix = attention_with_evidence(self.attn, self.norm1(x), bias, bool(needs & QKV_NEEDS),
+                                         "attn" in needs)
         x = x + self.drop_path1(self.ls1(a))
-        ev = _cls_evidence(self.attn, captured[0], bias, "keys" in needs,
-                           "cls_attn" in needs) if captured else Evidence()
+        ev = qkv_evidence(self.attn, captured[0], bias, needs) if captured else Evidence()
+        ev.attn = matrix
         captured.clear()  # the block's qkv [B, N, 3C] must not stay alive through the MLP (peak memory)
         if tracing:
             st.record(op="attn", n_prefix=st.n_prefix, grid=st.grid, cls_attn=ev.cls_attn,
@@ -320,6 +315,7 @@ def apply_reducer(model: nn.Module, policy: Policy, tracing: bool = False) -> nn
     remove_reducer(model)
     policy.prepare(model)
     depth = len(model.blocks)
+    policy.observe(model)
     policy.bind(depth, _n_tokens(model), model.num_prefix_tokens)
     grid = tuple(model.patch_embed.grid_size)
     eng = EngineState(policy=policy, n_prefix=model.num_prefix_tokens, grid=grid, depth=depth,
@@ -344,6 +340,8 @@ class TokenPlan:
     n_in: int
     attn_tokens: list[int]  # tokens entering each block's attention
     mlp_tokens: list[int]  # tokens in each block's MLP (= after the block's reduction)
+    # MACs of each block's reduction itself where a policy declares them (`Policy.extra_macs`)
+    extra_macs: list[int] = field(default_factory=list)
 
     @property
     def after(self) -> list[int]:
@@ -362,11 +360,16 @@ def token_plan(model: nn.Module, policy: Policy | None = None) -> TokenPlan:
     if policy is None:
         policy = model._ipb.policy if is_patched(model) else None
     if policy is not None:
+        policy.observe(model)
         policy.bind(depth, n, n_prefix)
-    attn, mlp = [], []
-    for layer in range(depth):
+    attn, mlp, extra = [], [], []
+    for layer, block in enumerate(model.blocks):
         attn.append(n)
+        macs = 0
         if policy is not None and policy.acts_at(layer):
+            macs = policy.extra_macs(layer, n, n_prefix, block.attn.num_heads, block.attn.head_dim,
+                                     model.embed_dim)
             n = policy.tokens_after(layer, n, n_prefix)
         mlp.append(n)
-    return TokenPlan(n_in=attn[0], attn_tokens=attn, mlp_tokens=mlp)
+        extra.append(macs)
+    return TokenPlan(n_in=attn[0], attn_tokens=attn, mlp_tokens=mlp, extra_macs=extra)

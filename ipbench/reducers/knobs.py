@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ipbench.errors import UserError
@@ -189,3 +189,49 @@ class MergeCount(Knob):
 
 
 KEEP_RATE = KeepRate()
+
+
+class CostMatched(Knob):
+    """A parameter that is not a keep rate (PiToMe's per-block ratio, PPT's tokens per stage, a
+    published schedule): a keep rate ρ sets the value whose GMACs are closest to a reference
+    reducer's at ρ (EViT's default schedule, as for ToMe's r), and a budget the value closest to
+    it. The candidates are a fixed grid of values (`values`), so both are a search, not a guess.
+    """
+
+    name = "cost_matched"
+    priority = 1
+
+    def __init__(self, param: str, values: Callable[[CostModel], Sequence[Any]], reference: str = "evit") -> None:
+        self.param = param
+        self.values = values
+        self.reference = reference
+
+    def _options(self, policy: Policy, costs: CostModel) -> list[tuple[Policy, float]]:
+        out = []
+        for v in self.values(costs):
+            try:
+                p = policy.with_knob(self, v)
+                out.append((p, costs.gmacs(p)))
+            except UserError:
+                continue  # a value this model cannot take
+        if not out:
+            raise UserError(f"{policy.text}: no value of {self.param} fits this model")
+        return out
+
+    def at_keep(self, policy: Policy, keep: float, costs: CostModel) -> Policy:
+        from ipbench.reducers.spec import parse_spec
+
+        target = costs.gmacs(parse_spec(f"{self.reference}:keep={keep:g}"))
+        return min(self._options(policy, costs), key=lambda pg: abs(pg[1] - target))[0]
+
+    def calibrate(self, policy: Policy, budget: float, costs: CostModel, tol: float = DEFAULT_TOLERANCE) -> Policy:
+        found, gm = min(self._options(policy, costs), key=lambda pg: abs(pg[1] - budget))
+        if abs(gm - budget) / budget > tol:
+            raise _off(policy, found, budget, gm, "the nearest of its values", tol, self)
+        return found
+
+
+def ratio_grid(lo: float, step: float = 0.0025) -> Callable[[CostModel], list[float]]:
+    """Per-block keep ratios lo, lo+step, ..., 1 (rounded, so a spec shows 0.9125, not 0.91250001)."""
+    count = round((1.0 - lo) / step)
+    return lambda costs: [round(lo + i * step, 6) for i in range(count + 1)]

@@ -164,9 +164,15 @@ def nearest_plan(metric: Tensor, keep: Tensor, drop: Tensor, n_prefix: int) -> M
 
     keep [B, M] lists the prefix first (as keep_plan returns it); prefix tokens never receive.
     """
+    return nearest_match(metric, keep, drop, n_prefix)[0]
+
+
+def nearest_match(metric: Tensor, keep: Tensor, drop: Tensor, n_prefix: int) -> tuple[MergePlan, Tensor]:
+    """`nearest_plan` and each dropped token's cosine with the token it goes to ([B, D])."""
     m = metric / metric.norm(dim=-1, keepdim=True)
     sims = gather_tokens(m, drop) @ gather_tokens(m, keep[:, n_prefix:]).transpose(1, 2)
-    return MergePlan(keep=keep, src=drop, dst=sims.argmax(dim=-1) + n_prefix)
+    best, where = sims.max(dim=-1)
+    return MergePlan(keep=keep, src=drop, dst=where + n_prefix), best
 
 
 def pair_cosine(t: Tensor, i: Tensor, j: Tensor) -> Tensor:

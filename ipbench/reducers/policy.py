@@ -96,7 +96,10 @@ class Policy:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     PARAMS: ClassVar[tuple[Param, ...]] = ()
-    needs: ClassVar[frozenset[str]] = frozenset()  # subset of {'cls_attn', 'keys'}
+    needs: ClassVar[frozenset[str]] = frozenset()  # subset of Evidence's fields: cls_attn, keys, vnorm, attn
+    # Whether a combination ``a+b`` may include it: one whose evidence (value norms, the attention
+    # matrix) a partner's reduction cannot re-index, or whose count varies per image, may not.
+    combinable: ClassVar[bool] = True
     training_free: ClassVar[bool] = True  # ipbench applies every reducer to off-the-shelf weights
     # How a sweep drives this reducer: the parameter a keep rate or a GMACs budget sets (None: run as given).
     knob: ClassVar[Knob | None] = None
@@ -129,6 +132,10 @@ class Policy:
         """Check the parameters against a model of `depth` blocks and n_tokens input tokens."""
         self.depth, self.n_tokens, self.n_prefix = depth, n_tokens, n_prefix
 
+    def observe(self, model: nn.Module) -> None:
+        """Read what the plan depends on beyond depth and token counts (a published schedule is
+        per model width); called before `bind` wherever a plan is made. Must not fail."""
+
     def prepare(self, model: nn.Module) -> None:
         """Check the model itself before it is patched (e.g. a module the reducer requires)."""
 
@@ -154,6 +161,11 @@ class Policy:
 
     def reduce(self, layer: int, x: Tensor, ev: Evidence, st: TokenState) -> Tensor:
         return x
+
+    def extra_macs(self, layer: int, n: int, n_prefix: int, heads: int, head_dim: int, dim: int) -> int:
+        """MACs of the reduction itself at a block entered by n tokens (matrix products only: a
+        similarity graph, a PageRank), for policies where they are not negligible (> ~0.3 %)."""
+        return 0
 
     # -- copies with other parameters, and the sweep's knob ----------------------------
     @property
