@@ -63,13 +63,13 @@ def _official_counter(prune: tuple[int, ...], merge: tuple[int, ...], c: int = 3
     return macs / 1e9
 
 
-@pytest.mark.parametrize("target", ["auto", "2.3", "2.9", "3.1"])
+@pytest.mark.parametrize("target", ["0", "2.3", "2.9", "3.1"])
 def test_published_deit_s_schedules_cost_what_the_official_counter_says(target):
     from ipbench.measure.flops import analytic_gmacs
 
     model = timm.create_model("deit_small_patch16_224")
     apply_reducer(model, parse_spec(f"diffrate:target={target}"))
-    prune, merge = PUBLISHED[384]["2.9" if target == "auto" else target]
+    prune, merge = PUBLISHED[384]["2.9" if target == "0" else target]
     official = _official_counter(prune, merge)
     if target == "2.9":
         assert official == pytest.approx(2.905, abs=5e-4)  # the README's 2.905 G
@@ -80,7 +80,7 @@ def test_published_deit_s_schedules_cost_what_the_official_counter_says(target):
 
 def test_a_schedule_for_another_width_or_model_is_a_clear_error():
     model = timm.create_model("deit_tiny_patch16_224")
-    with pytest.raises(UserError, match="target 2.9 is not published for width 192; valid: 0.6, 0.7"):
+    with pytest.raises(UserError, match="target 2.9 is outside the published range for width 192: 0.6 to 1"):
         token_plan(model, parse_spec("diffrate:target=2.9"))
     vit = timm.create_model("vit_small_patch16_224", img_size=160)
     with pytest.raises(UserError, match="give prune=... and merge="):
@@ -88,3 +88,9 @@ def test_a_schedule_for_another_width_or_model_is_a_clear_error():
     with pytest.raises(UserError, match="give prune and merge together"):
         parse_spec("diffrate:prune=197")
     assert math.isfinite(len(PUBLISHED[768]))
+
+
+def test_a_target_between_two_published_ones_interpolates_their_counts():
+    plan = token_plan(timm.create_model("deit_tiny_patch16_224"), parse_spec("diffrate:target=0.75"))
+    low, high = PUBLISHED[192]["0.7"][1], PUBLISHED[192]["0.8"][1]
+    assert plan.mlp_tokens == [round((a + b) / 2) for a, b in zip(low, high)]

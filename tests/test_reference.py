@@ -99,7 +99,9 @@ def test_the_recorded_full_data_counts_are_the_documented_ones() -> None:
 def test_the_readme_tables_show_the_recorded_counts() -> None:
     """Every row of the README's two accuracy tables is the recorded count over 1000 images, to one decimal."""
     results, official = {}, {}
-    for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    # the reducers added later have their own table (pinned on 64 images by tests/test_more_reducers.py)
+    for line in readme.split("### More reducers, against their official code")[0].splitlines():
         m = re.match(r"\| (none \(plain timm\)|[a-z]+:[^ |]+) \|.*\| ([\d.]+) \| ([\d.]+) \|$", line)
         if m:
             results["none" if m.group(1).startswith("none") else m.group(1)] = (float(m.group(2)), float(m.group(3)))

@@ -52,7 +52,7 @@ ZERO_MAC_OPS: frozenset[str] = frozenset(
         "abs sign clamp_min clamp_max minimum maximum where lerp fill_ zero_ "
         "gelu gelu_ elu elu_ silu silu_ sigmoid sigmoid_ tanh tanh_ hardtanh softplus erf "
         # comparisons and logic
-        "lt le ne logical_and logical_or logical_not bitwise_and bitwise_or isinf isnan "
+        "lt le ne logical_and logical_or logical_not bitwise_and bitwise_or __or__ __and__ isinf isnan "
         # normalised exponentials and reductions
         "softmax log_softmax _softmax sum mean amax amin argmax argmin min cumsum "
         "norm linalg_vector_norm frobenius_norm std var var_mean "
@@ -61,7 +61,7 @@ ZERO_MAC_OPS: frozenset[str] = frozenset(
         "max sort argsort topk gather scatter scatter_ scatter_add scatter_add_ scatter_reduce "
         "scatter_reduce_ index_select index index_put index_put_ index_add index_add_ "
         "index_copy index_copy_ masked_fill masked_fill_ masked_scatter masked_select take_along_dim "
-        "repeat repeat_interleave expand_as flip clone ones_like new_ones empty_like rand randn "
+        "repeat repeat_interleave expand_as flip clone ones_like new_ones empty_like linspace rand randn "
         "randperm bernoulli dropout_ alias lift_fresh"
     ).split()
 )

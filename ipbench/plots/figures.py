@@ -136,7 +136,7 @@ def fig_speedup_vs_gmacs_ratio(df: pd.DataFrame) -> Figure | None:
 
 def _tokens(row: pd.Series) -> list[int]:
     try:
-        return [int(t) for t in str(row.get("tokens_per_layer", "")).split()]
+        return [float(t) for t in str(row.get("tokens_per_layer", "")).split()]
     except ValueError:
         return []
 

@@ -4,6 +4,7 @@ Importing this package registers every built-in reducer.
 """
 
 from ipbench.reducers import (  # noqa: F401  (registration)
+    ats,
     combine,
     diffrate,
     evit,

@@ -24,7 +24,8 @@ from ipbench.reducers.spec import register
 # The official compression_rate.json (OpenGVLab/DiffRate @91ae3e3), DeiT entries: per published
 # GMACs target, the tokens (class token included) after pruning and after merging in each block.
 # Keyed by the model's width: DeiT-Ti 192, DeiT-S 384, DeiT-B 768 (12 blocks, 196 patches + CLS).
-PUBLISHED: dict[int, dict[str, tuple[tuple[int, ...], tuple[int, ...]]]] = {
+Schedules = dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
+PUBLISHED: dict[int, Schedules] = {
     192: {
         "0.6": ((197, 196, 180, 157, 130, 107, 86, 73, 63, 51, 40, 3),
                (197, 187, 167, 139, 114, 90, 76, 66, 57, 45, 37, 3)),
@@ -64,8 +65,25 @@ PUBLISHED: dict[int, dict[str, tuple[tuple[int, ...], tuple[int, ...]]]] = {
 }
 # The default target per width: the published schedule nearest 63 % of the model's cost (DeiT-S 2.9
 # is the README's headline off-the-shelf number, 79.54 %; DeiT-Ti has none in the README).
-AUTO = {192: "0.8", 384: "2.9", 768: "11.5"}
-TARGETS = tuple(sorted({t for table in PUBLISHED.values() for t in table}, key=float))
+AUTO = {192: 0.8, 384: 2.9, 768: 11.5}
+# The sweep's candidates: every 0.01 GMACs across each width's published range.
+GRID = tuple(round(lo + i / 100, 2) for lo, hi in ((0.6, 1.0), (2.3, 3.1), (8.7, 12.5))
+             for i in range(round((hi - lo) * 100) + 1))
+
+
+def interpolated(table: Schedules, target: float) -> tuple[list[int], list[int]]:
+    """The published schedule for `target`, or between two published ones the counts interpolated
+    linearly (rounded) between its neighbours: ipbench's choice, so a budget between the authors'
+    points can be met; the published points themselves are exact."""
+    keys = sorted(table, key=float)
+    for key in keys:
+        if abs(float(key) - target) < 1e-9:
+            return list(table[key][0]), list(table[key][1])
+    hi = next(k for k in keys if float(k) > target)
+    lo = keys[keys.index(hi) - 1]
+    w = (target - float(lo)) / (float(hi) - float(lo))
+    prune, merge = ([round(a + (b - a) * w) for a, b in zip(table[lo][i], table[hi][i])] for i in (0, 1))
+    return prune, merge
 
 
 @register
@@ -75,22 +93,23 @@ class DiffRate(Policy):
                    "least important into their most similar kept token (hidden-state cosine) until "
                    "merge[i] remain; the authors' published per-block counts, training-free")
     PARAMS = (
-        Param("target", "choice", "auto", "the published schedule: its GMACs target for this model "
-              "(DeiT-Ti 0.6-1.0, DeiT-S 2.3-3.1, DeiT-B 8.7-12.5); auto: 0.8 / 2.9 / 11.5",
-              choices=("auto", *TARGETS)),
+        Param("target", "float", 0.0, "GMACs target of the published schedule (DeiT-Ti 0.6-1.0, DeiT-S "
+              "2.3-3.1, DeiT-B 8.7-12.5; between two published targets the counts are interpolated); "
+              "0: 0.8 / 2.9 / 11.5", minimum=0),
         Param("prune", "ints", [], "tokens (class token included) after pruning in each block; "
               "with merge, replaces the published schedule", minimum=1),
         Param("merge", "ints", [], "tokens after merging in each block (with prune)", minimum=1),
     )
     needs = frozenset({"cls_attn"})
-    knob = CostMatched("target", lambda costs: TARGETS)
-    note = "published off-the-shelf schedules of the official code (compression_rate.json)"
+    knob = CostMatched("target", lambda costs: GRID)
+    note = ("published off-the-shelf schedules of the official code (compression_rate.json); between two "
+            "published targets the counts are interpolated")
     _width: int | None = None
 
     def validate(self) -> None:
         if bool(self.params["prune"]) != bool(self.params["merge"]):
             raise UserError("diffrate: give prune and merge together (one count per block each)")
-        if self.params["prune"] and self.params["target"] != "auto" and "target" in self.given:
+        if self.params["prune"] and "target" in self.given:
             raise UserError("diffrate: give either target or prune/merge, not both")
 
     @property
@@ -112,12 +131,12 @@ class DiffRate(Policy):
             raise UserError(f"diffrate: the published schedules are for DeiT-Ti/S/B (12 blocks, 197 tokens, "
                             f"widths 192/384/768); this model has {depth} blocks, {n_tokens} tokens, width "
                             f"{self._width}: give prune=... and merge=... (one count per block)")
-        target = AUTO[self._width] if self.params["target"] == "auto" else self.params["target"]
-        if target not in tables:
-            raise UserError(f"diffrate: target {target} is not published for width {self._width}; "
-                            f"valid: {', '.join(tables)}")
-        prune, merge = tables[target]
-        return list(prune), list(merge)
+        target = self.params["target"] or AUTO[self._width]
+        low, high = min(map(float, tables)), max(map(float, tables))
+        if not low - 1e-9 <= target <= high + 1e-9:
+            raise UserError(f"diffrate: target {target:g} is outside the published range for width "
+                            f"{self._width}: {low:g} to {high:g} (published: {', '.join(tables)})")
+        return interpolated(tables, target)
 
     def bind(self, depth: int, n_tokens: int, n_prefix: int) -> None:
         super().bind(depth, n_tokens, n_prefix)

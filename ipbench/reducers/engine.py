@@ -13,7 +13,6 @@ unchanged, so `none` is timm bit for bit and costs nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,136 +21,10 @@ from torch import Tensor, nn
 
 from ipbench.errors import UserError
 from ipbench.reducers.evidence import QKV_NEEDS, Evidence, attention_with_evidence, qkv_evidence
-from ipbench.reducers.matching import (
-    MergePlan,
-    fuse_tokens,
-    gather_tokens,
-    merge_sum,
-    merge_weighted,
-)
+from ipbench.reducers.tokens import TokenState
 
 if TYPE_CHECKING:
     from ipbench.reducers.policy import Policy
-
-
-class TokenState:
-    """Per-forward bookkeeping carried alongside the hidden states.
-
-    size:   [B, N, 1] patches each token stands for; None while every token is one patch.
-    pos:    [B, N, 2] size-weighted patch centroid (row, col); only when a policy or the
-            trace needs positions. Prefix tokens sit at (-1, -1).
-    source: [B, N, P] which of the P patches each token contains; only when tracing.
-    """
-
-    def __init__(self, x: Tensor, n_prefix: int, grid: tuple[int, int], want_pos: bool,
-                 tracing: bool, prop_attn: bool) -> None:
-        bsz, n, _ = x.shape
-        self.n_prefix = n_prefix
-        self.grid = grid
-        self.prop_attn = prop_attn
-        self.size: Tensor | None = None
-        self.pos: Tensor | None = None
-        self.source: Tensor | None = None
-        self.counts: list[int] = []
-        self.trace: list[dict[str, Any]] | None = [] if tracing else None
-        self.layer = -1
-        n_patches = n - n_prefix
-        if want_pos or tracing:
-            idx = torch.arange(n_patches, device=x.device)
-            rc = torch.stack([idx // grid[1], idx % grid[1]], dim=-1).to(x.dtype)
-            pre = torch.full((n_prefix, 2), -1.0, device=x.device, dtype=x.dtype)
-            self.pos = torch.cat([pre, rc]).expand(bsz, -1, -1)
-        if tracing:
-            eye = torch.eye(n_patches, device=x.device, dtype=x.dtype)
-            pre = torch.zeros(n_prefix, n_patches, device=x.device, dtype=x.dtype)
-            self.source = torch.cat([pre, eye]).expand(bsz, -1, -1)
-
-    def sizes(self, x: Tensor) -> Tensor:
-        """Token sizes as a tensor, ones when nothing was merged yet."""
-        return self.size if self.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
-
-    def attn_bias(self, dtype: torch.dtype) -> Tensor | None:
-        """Proportional attention: log(size) added to the logits of each key."""
-        if not self.prop_attn or self.size is None:
-            return None
-        return self.size.log().to(dtype).transpose(1, 2).unsqueeze(1)
-
-    def merge(self, x: Tensor, plan: MergePlan, weight: Tensor | None = None,
-              size_scale: Tensor | None = None) -> Tensor:
-        """Apply a MergePlan: size-weighted average of x and centroids, sizes and sources add.
-
-        weight [B, N, 1] replaces the sizes as the weights of x only (MSTM: size × importance;
-        ones: an unweighted mean); centroids stay size-weighted, since they describe patches, not
-        features. size_scale [B, N, 1] multiplies each token's size before the sizes add (DiffRate
-        counts a merged token as s·cos of its best match).
-        """
-        w = self.sizes(x)
-        size = merge_sum(w, plan)  # once: the new sizes are also the size-weighted average's divisor
-        x = merge_weighted(x, w, plan, size) if weight is None else merge_weighted(x, weight, plan)
-        if self.pos is not None:
-            self.pos = merge_weighted(self.pos, w, plan, size)
-        if self.source is not None:
-            self.source = merge_sum(self.source, plan)
-        self.size = size if size_scale is None else merge_sum(w * size_scale, plan)
-        return x
-
-    def choose(self, x: Tensor, which: Tensor, first: Callable[[Tensor], Tensor],
-               second: Callable[[Tensor], Tensor]) -> Tensor:
-        """Per image, one of two reductions that leave the same token count: `first` where
-        which [B] is true, `second` elsewhere (PPT pools some images and prunes the others).
-
-        Both run on the whole batch and the rows are then picked: a branch only gathers and
-        averages tokens, so running both costs no matrix product beyond its matching.
-        """
-        before = (self.size, self.pos, self.source)
-        xa = first(x)
-        size_a, pos_a, source_a = self.size, self.pos, self.source
-        self.size, self.pos, self.source = before
-        xb = second(x)
-        pick = which.view(-1, 1, 1)
-        if size_a is not None or self.size is not None:
-            size_b = self.sizes(xb)
-            self.size = torch.where(pick, size_a if size_a is not None else torch.ones_like(size_b), size_b)
-        if self.pos is not None:
-            self.pos = torch.where(pick, pos_a, self.pos)
-        if self.source is not None:
-            self.source = torch.where(pick, source_a, self.source)
-        return torch.where(pick, xa, xb)
-
-    def keep(self, x: Tensor, idx: Tensor, fuse: Tensor | None = None,
-             weight: Tensor | None = None, fused_size: str = "one") -> Tensor:
-        """Keep the tokens idx [B, M] in that order; optionally append one fused token.
-
-        fuse [B, D]: tokens folded into EViT's extra token Σ weight_i · x_i (weight [B, N],
-        not renormalised). fused_size 'one': that token counts as one patch, as in official
-        EViT, which has no sizes; 'count': it counts the patches it absorbed. Its centroid is
-        the size-weighted centroid of its members and its sources their union.
-        """
-        w = self.sizes(x) if (self.size is not None or fuse is not None) else None
-        out = gather_tokens(x, idx)
-        new_size = gather_tokens(w, idx) if w is not None else None
-        new_pos = gather_tokens(self.pos, idx) if self.pos is not None else None
-        new_src = gather_tokens(self.source, idx) if self.source is not None else None
-        if fuse is not None:
-            assert w is not None and weight is not None
-            out = torch.cat([out, fuse_tokens(x, weight, fuse)], dim=1)
-            members = gather_tokens(w, fuse)
-            total = members.sum(dim=1, keepdim=True)
-            new_size = torch.cat([new_size, total if fused_size == "count" else torch.ones_like(total)], 1)
-            if new_pos is not None:
-                centroid = (gather_tokens(self.pos, fuse) * members).sum(dim=1, keepdim=True) / total
-                new_pos = torch.cat([new_pos, centroid], dim=1)
-            if new_src is not None:
-                new_src = torch.cat([new_src, gather_tokens(self.source, fuse).sum(1, keepdim=True)], 1)
-            if self.size is None and fused_size == "one":
-                new_size = None  # still every token one patch: keep the cheap path
-        self.size, self.pos, self.source = new_size, new_pos, new_src
-        return out
-
-    def record(self, **entry: Any) -> None:
-        """Add a trace entry for the current layer (no-op unless tracing)."""
-        if self.trace is not None:
-            self.trace.append({"layer": self.layer, **entry})
 
 
 @dataclass
@@ -165,6 +38,7 @@ class EngineState:
     tracing: bool = False
     tokens: TokenState | None = None
     last_counts: list[int] = field(default_factory=list)
+    last_image_counts: Tensor | None = None  # [B, depth] real tokens after each block, adaptive policies only
     last_trace: list[dict[str, Any]] | None = None
     last_state: TokenState | None = None
 
@@ -195,7 +69,7 @@ class _PatchedBlock:
         tracing = st.trace is not None
         if not active and bias is None and not tracing:
             x = super().forward(x)  # type: ignore[misc]
-            st.counts.append(x.shape[1])
+            st.count(x)
             return x
 
         # Tracing reads the evidence of every block (same ops, so outputs are unchanged).
@@ -212,11 +86,20 @@ class _PatchedBlock:
         if active:
             x = eng.policy.reduce(layer, x, ev, st)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        st.counts.append(x.shape[1])
+        st.count(x)
         if tracing:
             st.record(op="out", n_prefix=st.n_prefix, grid=st.grid, size=st.size, source=st.source,
                       pos=st.pos)
         return x
+
+
+def _image_counts(st: TokenState) -> Tensor | None:
+    """[B, depth] tokens per image after each block, or None when every image had the same."""
+    known = [c for c in st.image_counts if c is not None]
+    if not known:
+        return None
+    return torch.stack([torch.full_like(known[0], n) if c is None else c
+                        for c, n in zip(st.image_counts, st.counts)], dim=1)
 
 
 class _PatchedModel:
@@ -233,6 +116,7 @@ class _PatchedModel:
             st = eng.tokens
             if st is not None:
                 eng.last_counts = list(st.counts)
+                eng.last_image_counts = _image_counts(st)
                 eng.last_trace = st.trace
                 eng.last_state = st if eng.tracing else None
             eng.tokens = None
@@ -240,12 +124,17 @@ class _PatchedModel:
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
         st = self._ipb.tokens
-        if pool_type in ("avg", "avgmax") and st is not None and st.size is not None \
+        if pool_type in ("avg", "avgmax") and st is not None and (st.size is not None or st.valid is not None) \
                 and self.attn_pool is None and not self.pool_include_prefix:
             p = self.num_prefix_tokens
-            tok, w = x[:, p:], st.size[:, p:].to(x.dtype)
+            tok, w = x[:, p:], st.sizes(x)[:, p:].to(x.dtype)
+            real = st.valid[:, p:].unsqueeze(-1) if st.valid is not None else None
+            if real is not None:
+                w = w * real.to(x.dtype)
             avg = (tok * w).sum(dim=1) / w.sum(dim=1)
-            return avg if pool_type == "avg" else 0.5 * (tok.amax(dim=1) + avg)
+            if pool_type == "avg":
+                return avg
+            return 0.5 * ((tok if real is None else tok.masked_fill(~real, float("-inf"))).amax(dim=1) + avg)
         return super().pool(x, pool_type)  # type: ignore[misc]
 
 

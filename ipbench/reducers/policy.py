@@ -100,6 +100,9 @@ class Policy:
     # Whether a combination ``a+b`` may include it: one whose evidence (value norms, the attention
     # matrix) a partner's reduction cannot re-index, or whose count varies per image, may not.
     combinable: ClassVar[bool] = True
+    # Whether the token count depends on the image (ATS): the static plan is then an upper bound, and
+    # rows report the counts measured per image (mean, min, max) and the mean GMACs from them.
+    adaptive: ClassVar[bool] = False
     training_free: ClassVar[bool] = True  # ipbench applies every reducer to off-the-shelf weights
     # How a sweep drives this reducer: the parameter a keep rate or a GMACs budget sets (None: run as given).
     knob: ClassVar[Knob | None] = None

@@ -20,7 +20,7 @@ from ipbench.measure.flops import count_gmacs
 from ipbench.measure.throughput import SpeedProtocol, SpeedResult, measure_grouped
 from ipbench.reducers import Policy
 from ipbench.runs.context import RunContext, RunSpec, open_run
-from ipbench.runs.plan import BASELINE, Config, Costs, Variants, config, is_vit
+from ipbench.runs.plan import BASELINE, Config, Costs, Variants, config, is_vit, per_image_gmacs
 from ipbench.runs.progress import Progress, Silent
 
 FLOPS_AGREEMENT = 0.01  # fvcore and the analytic count must agree within 1 %
@@ -28,6 +28,9 @@ FLOPS_AGREEMENT = 0.01  # fvcore and the analytic count must agree within 1 %
 # machine was busy and the number should not be trusted (a 2-core CPU shows 15-35 % when busy)
 SPREAD_WARNING = 0.25
 ANALYTIC_COUNTER = "analytic"  # flop_counter of a row whose model fvcore could not trace
+# flop_counter of an image-adaptive reducer's row: the mean of every image's analytic GMACs from its
+# measured counts (fvcore on one traced batch would count the padding of its longest image)
+ADAPTIVE_COUNTER = "analytic-per-image-mean"
 
 
 def measured_gmacs(model: nn.Module, images: Tensor, label: str, analytic: float | None,
@@ -194,3 +197,20 @@ def run_speed(spec: RunSpec, policies: list[Policy], protocol: SpeedProtocol, ou
             progress.row_written(f"row: {c.label}, batch {size}: {r.images_per_s:.1f} img/s, {r.speedup:.2f}x, "
                                  f"{r.latency_ms:.1f} ms")
     return outcome
+
+
+def adaptive_fields(model: nn.Module, n_in: int, rows: list[list[int]]) -> dict[str, Any]:
+    """What a row says about an image-adaptive reducer, from every image's counts: the mean tokens
+    after each block (2 decimals), the mean final count, and the mean of the images' analytic GMACs
+    (the per-image average, the convention of ATS and LTMP); plus the final count's min and max."""
+    if not rows:
+        return {}
+    cache: dict[tuple[int, ...], float] = {}
+    for r in rows:
+        cache.setdefault(tuple(r), per_image_gmacs(model, n_in, r))
+    depth = len(rows[0])
+    means = [sum(r[i] for r in rows) / len(rows) for i in range(depth)]
+    finals = [r[-1] for r in rows]
+    return {"tokens_per_layer": " ".join(f"{m:.2f}" for m in means), "final_tokens": round(means[-1], 2),
+            "gmacs_mean": sum(cache[tuple(r)] for r in rows) / len(rows),
+            "final_min": min(finals), "final_max": max(finals)}

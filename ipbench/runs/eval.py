@@ -17,7 +17,8 @@ from ipbench import results
 from ipbench.measure.accuracy import Result
 from ipbench.reducers import Policy
 from ipbench.runs.context import RunContext, RunSpec, open_run
-from ipbench.runs.loop import Accuracy, Job, Predictions, run_jobs
+from ipbench.runs.cost import adaptive_fields
+from ipbench.runs.loop import Accuracy, Job, Predictions, TokenTally, run_jobs
 from ipbench.runs.plan import config, variant
 from ipbench.runs.progress import Progress, Silent
 
@@ -41,14 +42,20 @@ def run_eval(spec: RunSpec, reducer: Policy, out: Path, progress: Progress | Non
     ctx = open_run(spec)
     ctx.check_labels()
     cfg = config(ctx.net, reducer)
-    acc, predictions = Accuracy(), Predictions()
+    acc, predictions, tally = Accuracy(), Predictions(), TokenTally()
     progress.phase("eval", ctx.source.num_images)
     start = time.perf_counter()
-    job = Job(cfg.spec, variant(ctx.net, reducer), [acc, predictions])
+    job = Job(cfg.spec, variant(ctx.net, reducer), [acc, predictions, tally])
     run_jobs(ctx, ctx.source.batches(spec.batch_size, spec.workers), [job], progress)
     seconds = time.perf_counter() - start
     res = acc.result
     fields = cfg.fields()
+    measured = adaptive_fields(ctx.net, cfg.plan.n_in, tally.rows) if cfg.plan is not None and tally.rows else {}
+    notes = [ctx.accuracy_note] if ctx.accuracy_note and ctx.source.has_labels else []
+    if measured:  # counts vary by image: tokens are the per-image means
+        fields.update(tokens_per_layer=measured["tokens_per_layer"], final_tokens=measured["final_tokens"])
+        notes.append(f"tokens per image vary: final tokens {measured['final_min']}-{measured['final_max']} "
+                     f"(mean {measured['final_tokens']:g}), {measured['gmacs_mean']:.4f} GMACs per image on average")
     row = {
         **ctx.row_fields(),
         "config_key": results.config_key({"command": "eval", **ctx.identity(), "reducer": cfg.spec}),
@@ -65,5 +72,4 @@ def run_eval(spec: RunSpec, reducer: Policy, out: Path, progress: Progress | Non
     if ctx.world.main:
         results.write_predictions(out, row["config_key"], *predictions.records())
         results.append_row(csv_path, row, results.EVAL_COLUMNS)
-    notes = [ctx.accuracy_note] if ctx.accuracy_note and ctx.source.has_labels else []
     return EvalOutcome(ctx=ctx, row=row, result=res, seconds=seconds, csv_path=csv_path, notes=notes)

@@ -36,6 +36,7 @@ class Forward:
     logits: Tensor  # float32, on the CPU
     labels: Tensor  # -1 for unlabelled images
     trace: Trace | None = None  # the reducer's trace of this batch, for traced jobs
+    counts: Tensor | None = None  # [B, depth] tokens per image after each block (image-adaptive reducers)
 
 
 class Consumer(Protocol):
@@ -95,6 +96,24 @@ class Predictions:
         """(label of each image, its top-k classes), image by image."""
         labels, top = self.state()
         return labels.tolist(), top.tolist()
+
+
+class TokenTally:
+    """Every image's token count after each block, for a reducer whose counts vary by image (ATS):
+    the row's tokens and GMACs are then the per-image means (`runs.cost.adaptive_fields`)."""
+
+    def __init__(self) -> None:
+        self.rows: list[list[int]] = []
+
+    def add(self, out: Forward) -> None:
+        if out.counts is not None:
+            self.rows.extend(out.counts.tolist())
+
+    def state(self) -> list[list[int]]:
+        return self.rows
+
+    def merge_all(self, states: list[list[list[int]]]) -> None:
+        self.rows = [r for s in states for r in s]
 
 
 def merge_states(a: Any, b: Any) -> Any:
@@ -164,8 +183,11 @@ def run_jobs(ctx: RunContext, batches: Iterable[tuple[Tensor, Tensor]], jobs: li
                 indices = range(seen, seen + len(labels))
                 for job in jobs:
                     logits = job.model(job.transform(x, indices) if job.transform is not None else x)
+                    eng = getattr(job.model, "_ipb", None)
+                    counts = eng.last_image_counts if eng is not None else None
                     out = Forward(start=seen, logits=logits.float().cpu(), labels=labels,
-                                  trace=get_trace(job.model) if job.traced else None)
+                                  trace=get_trace(job.model) if job.traced else None,
+                                  counts=counts.cpu() if counts is not None else None)
                     for consumer in job.consumers:
                         consumer.add(out)
                 seen += len(labels)

@@ -2,7 +2,8 @@
 
 Everything here is known without an image: the static token plan and the analytic GMACs
 (`ipbench.measure.flops.analytic_gmacs`, within 1 % of fvcore) of every configuration, so a whole
-sweep, its keep-rate mapping and its --match-gmacs calibration are planned in milliseconds. Which
+sweep, its keep-rate mapping and its --match-gmacs calibration are planned in milliseconds. The
+exception is a reducer whose counts depend on the image (ATS): its cost is measured on a probe batch. Which
 parameter a keep rate or a budget sets is the policy's own declaration (`Policy.knob`).
 """
 
@@ -11,26 +12,39 @@ from __future__ import annotations
 import copy
 import itertools
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ipbench.errors import UserError
 from ipbench.measure.flops import analytic_gmacs
-from ipbench.reducers import Policy, TokenPlan, apply_reducer, check_fits, parse_spec, token_plan
+from ipbench.reducers import Policy, TokenPlan, apply_reducer, check_fits, parse_spec, remove_reducer, token_plan
 from ipbench.reducers.knobs import DEFAULT_TOLERANCE, KEEP_RATE, Knob, MergeCount
 
 BASELINE = "none"
 DEFAULT_KEEP_RATES = (0.9, 0.8, 0.7, 0.6, 0.5)
 
 
-class Costs:
-    """The static cost of policies on one plain model (the reducers' `CostModel`), memoised by spec."""
+def per_image_gmacs(model: nn.Module, n_in: int, counts: list[int]) -> float:
+    """Analytic GMACs of one image from its measured token counts after each block (a reducer that
+    cuts inside a block, between attention and MLP, as every ipbench policy does)."""
+    plan = SimpleNamespace(attn_tokens=[n_in, *counts[:-1]], mlp_tokens=list(counts))
+    return analytic_gmacs(model, plan)
 
-    def __init__(self, model: nn.Module) -> None:
+
+
+class Costs:
+    """The cost of policies on one plain model (the reducers' `CostModel`), memoised by spec: from the
+    static token plan, or for an image-adaptive policy (ATS) the mean over the `probe` images (a
+    normalised batch) of each image's analytic GMACs from its measured counts."""
+
+    def __init__(self, model: nn.Module, probe: Tensor | None = None) -> None:
         self.model = model
         self.depth = len(model.blocks)
         self.n_patches = int(model.patch_embed.num_patches)
+        self.probe = probe
         self._gmacs: dict[str, float] = {}
 
     def plan(self, policy: Policy) -> TokenPlan:
@@ -40,8 +54,25 @@ class Costs:
 
     def gmacs(self, policy: Policy) -> float:
         if policy.spec not in self._gmacs:
-            self._gmacs[policy.spec] = analytic_gmacs(self.model, self.plan(policy))
+            if any(p.adaptive for p in policy.parts) and self.probe is not None:
+                self._gmacs[policy.spec] = self._probed(policy)
+            else:
+                self._gmacs[policy.spec] = analytic_gmacs(self.model, self.plan(policy))
         return self._gmacs[policy.spec]
+
+    def _probed(self, policy: Policy) -> float:
+        """Mean analytic GMACs of the probe images under `policy`, from their measured counts."""
+        n_in = self.plan(policy).n_in
+        apply_reducer(self.model, policy)
+        try:
+            with torch.inference_mode():
+                self.model(self.probe)
+            rows = self.model._ipb.last_image_counts
+        finally:
+            remove_reducer(self.model)
+        if rows is None:  # every image kept the same counts: the static plan is exact
+            return analytic_gmacs(self.model, self.plan(policy))
+        return sum(per_image_gmacs(self.model, n_in, r) for r in rows.tolist()) / len(rows)
 
 
 def is_vit(model: nn.Module) -> bool:

@@ -34,8 +34,16 @@ from ipbench.measure.accuracy import Result
 from ipbench.measure.throughput import SpeedProtocol, SpeedResult
 from ipbench.reducers import Policy
 from ipbench.runs.context import RunContext, RunSpec, open_run
-from ipbench.runs.cost import fixed_batch, measured_gmacs, speed_fields, spread_note, time_configs
-from ipbench.runs.loop import Accuracy, Job, Predictions, run_jobs
+from ipbench.runs.cost import (
+    ADAPTIVE_COUNTER,
+    adaptive_fields,
+    fixed_batch,
+    measured_gmacs,
+    speed_fields,
+    spread_note,
+    time_configs,
+)
+from ipbench.runs.loop import Accuracy, Job, Predictions, TokenTally, run_jobs
 from ipbench.runs.plan import BASELINE, Config, Costs, Variants, is_vit, plan_sweep
 from ipbench.runs.progress import Progress, Silent
 
@@ -87,7 +95,9 @@ def run_sweep(spec: RunSpec, req: SweepRequest, out: Path, progress: Progress | 
                         "token reducers on a ViT (use ipbench eval for this model's accuracy)")
     ctx.check_labels()
     policies = [p for p in req.policies if p.name != BASELINE]
-    configs = plan_sweep(Costs(ctx.net), policies, req.keep_rates, req.knob_values, req.budgets)
+    adaptive = any(part.adaptive for p in policies for part in p.parts)
+    probe = ctx.inputs(fixed_batch(ctx.first_images(spec.batch_size), spec.batch_size)) if adaptive else None
+    configs = plan_sweep(Costs(ctx.net, probe), policies, req.keep_rates, req.knob_values, req.budgets)
     for c in configs:
         c.key = results.config_key({
             "command": "sweep", **ctx.identity(), "reducer": c.spec, "keep_rate": c.keep_rate,
@@ -129,6 +139,7 @@ def _measure(ctx: RunContext, req: SweepRequest, baseline: Config, pending: list
     variants = Variants(ctx.net)
     nets = {BASELINE: ctx.net, **{spec: variants(c.policy) for spec, c in first_of.items()}}
     labelled = ctx.source.has_labels
+    tallies = {spec: TokenTally() for spec, c in first_of.items() if any(p.adaptive for p in c.policy.parts)}
     decoded = None
     if labelled and ctx.fits_in_memory(req.max_decoded_mib * 2**20):
         decoded = ctx.decode(progress, "decoding images", req.max_decoded_mib * 2**20)
@@ -142,7 +153,8 @@ def _measure(ctx: RunContext, req: SweepRequest, baseline: Config, pending: list
         x1 = ctx.inputs(real[:1])
         for spec, model in nets.items():
             c = first_of[spec]
-            gmacs[spec], counters[spec] = measured_gmacs(model, x1, c.label, c.gmacs, progress.log)
+            analytic = None if spec in tallies else c.gmacs  # an adaptive row's GMACs are measured per image
+            gmacs[spec], counters[spec] = measured_gmacs(model, x1, c.label, analytic, progress.log)
             progress.advance(1, c.label)
         if req.measure_speed:
             speeds = time_configs(ctx, nets, real, req.speed, progress)
@@ -153,6 +165,12 @@ def _measure(ctx: RunContext, req: SweepRequest, baseline: Config, pending: list
     def write(spec: str, res: Result | None, records: Predictions | None = None) -> None:
         if not ctx.world.main:
             return
+        measured = adaptive_fields(ctx.net, first_of[spec].plan.n_in, tallies[spec].rows) if spec in tallies else {}
+        if measured:  # counts vary by image: the row's tokens and GMACs are the per-image means
+            gmacs[spec], counters[spec] = measured.pop("gmacs_mean"), ADAPTIVE_COUNTER
+            notes.append(f"{first_of[spec].label}: tokens per image vary; final tokens {measured.pop('final_min')}"
+                         f"-{measured.pop('final_max')} (mean {measured['final_tokens']:g}); tokens and GMACs "
+                         "are per-image means")
         for c in by_spec[spec]:
             if records is not None:  # the per-image records first: a row always has its file
                 results.write_predictions(csv_path.parent, c.key, *records.records())
@@ -160,7 +178,8 @@ def _measure(ctx: RunContext, req: SweepRequest, baseline: Config, pending: list
                 **ctx.row_fields(), "config_key": c.key, **c.fields(),
                 "num_images": res.images if res is not None else "",
                 "keep_rate": results.cell(c.keep_rate, 6), "gmacs_budget": results.cell(c.gmacs_budget, 6),
-                "gmacs": round(gmacs[spec], 4), "gmacs_analytic": round(c.gmacs, 4) if c.gmacs is not None else "",
+                **measured, "gmacs": round(gmacs[spec], 4),
+                "gmacs_analytic": round(gmacs[spec] if measured else c.gmacs, 4) if c.gmacs is not None else "",
                 "flop_counter": counters[spec], "gmacs_ratio": round(gmacs[BASELINE] / gmacs[spec], 4),
                 **speed_fields(speeds.get(spec), req.speed),
             }
@@ -170,6 +189,9 @@ def _measure(ctx: RunContext, req: SweepRequest, baseline: Config, pending: list
             top1 = "" if res is None or res.top1 is None else f", top-1 {res.top1:.1f}"
             speed = f", {speeds[spec].speedup:.2f}x" if spec in speeds else ""
             progress.row_written(f"row: {c.label}{_keep_text(c)}: {gmacs[spec]:.3f} GMACs{top1}{speed}")
+
+    def _tally(spec: str) -> list[TokenTally]:
+        return [tallies[spec]] if spec in tallies else []
 
     specs = list(by_spec)
     if not labelled:
@@ -181,15 +203,15 @@ def _measure(ctx: RunContext, req: SweepRequest, baseline: Config, pending: list
         for spec in specs:
             acc, records = Accuracy(), Predictions()
             progress.phase(f"accuracy {first_of[spec].label}", len(labels))
-            run_jobs(ctx, batched(images, labels, bs), [Job(spec, nets[spec], [acc, records])], progress,
-                     expected=ctx.kept)
+            run_jobs(ctx, batched(images, labels, bs), [Job(spec, nets[spec], [acc, records, *_tally(spec)])],
+                     progress, expected=ctx.kept)
             write(spec, acc.result, records)
         return notes
     progress.phase(f"accuracy, {len(specs)} configurations per batch", ctx.source.num_images)
     accs = {spec: Accuracy() for spec in specs}
     records = {spec: Predictions() for spec in specs}
-    run_jobs(ctx, ctx.source.batches(bs, ctx.spec.workers), [Job(s, nets[s], [accs[s], records[s]]) for s in specs],
-             progress)
+    run_jobs(ctx, ctx.source.batches(bs, ctx.spec.workers),
+             [Job(s, nets[s], [accs[s], records[s], *_tally(s)]) for s in specs], progress)
     for spec in specs:
         write(spec, accs[spec].result, records[spec])
     return notes
