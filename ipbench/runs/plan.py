@@ -104,7 +104,10 @@ class Config:
     def fields(self) -> dict[str, Any]:
         """What every row says about the reducer."""
         p = self.policy
-        tokens = self.plan.after if self.plan is not None else []
+        # an image-adaptive policy's static plan is only each image's upper bound: its counts are
+        # measured (sweep and eval fill them in), never shown from the plan
+        adaptive = any(part.adaptive for part in p.parts)
+        tokens = self.plan.after if self.plan is not None and not adaptive else []
         return {
             "reducer": p.name, "reducer_spec": p.spec, "reducer_params": p.params_json(),
             "reducer_label": p.label(), "reducer_line": p.label(drop_knob=True),

@@ -168,9 +168,11 @@ def _measure(ctx: RunContext, req: SweepRequest, baseline: Config, pending: list
         measured = adaptive_fields(ctx.net, first_of[spec].plan.n_in, tallies[spec].rows) if spec in tallies else {}
         if measured:  # counts vary by image: the row's tokens and GMACs are the per-image means
             gmacs[spec], counters[spec] = measured.pop("gmacs_mean"), ADAPTIVE_COUNTER
+            budget = first_of[spec].gmacs_budget
+            calibrated = f"; --match-gmacs calibrated it on the first {bs} images" if budget is not None else ""
             notes.append(f"{first_of[spec].label}: tokens per image vary; final tokens {measured.pop('final_min')}"
                          f"-{measured.pop('final_max')} (mean {measured['final_tokens']:g}); tokens and GMACs "
-                         "are per-image means")
+                         f"are per-image means{calibrated}")
         for c in by_spec[spec]:
             if records is not None:  # the per-image records first: a row always has its file
                 results.write_predictions(csv_path.parent, c.key, *records.records())
