@@ -59,9 +59,18 @@ def _offline() -> bool:
 
 
 def create_model(name: str, checkpoint: str | None, device: str = "cpu", pretrained: bool = True,
-                 **kwargs: Any) -> nn.Module:
+                 img_size: int | None = None, patch_size: int | None = None, **kwargs: Any) -> nn.Module:
     """A timm model in eval mode with weights from `checkpoint`, else timm's (cached) hub download, or
-    with `pretrained=False` timm's random initialisation (seeded by torch's global generator)."""
+    with `pretrained=False` timm's random initialisation (seeded by torch's global generator).
+
+    `img_size` / `patch_size` build the model at another resolution or patch size on the SAME weights:
+    the patch embedding and the position embedding are resampled by timm's own functions (FlexiViT's
+    pseudo-inverse resize of the kernel, bicubic interpolation of the position grid), and the model's
+    data config then asks for images of `img_size`."""
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if patch_size is not None:
+        kwargs["patch_size"] = patch_size
     timm_name = resolve_name(name)
     if checkpoint is None and pretrained and not _offline() and not _hub_reachable():
         _go_offline()
@@ -75,7 +84,7 @@ def create_model(name: str, checkpoint: str | None, device: str = "cpu", pretrai
         )
     if checkpoint is not None:
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
-        load_checkpoint(model, checkpoint)
+        load_checkpoint(model, checkpoint, resample=img_size is not None or patch_size is not None)
     elif not pretrained:
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
     else:
@@ -87,6 +96,8 @@ def create_model(name: str, checkpoint: str | None, device: str = "cpu", pretrai
                 raise UserError(f"no network and no cached weights for {timm_name}; {hint}") from exc
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"could not get pretrained weights for {timm_name} ({reason}); {hint}") from exc
+    if img_size is not None:  # timm keeps the pretrained config's 224: the data must come at img_size
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, img_size, img_size)}
     return model.to(device).eval()
 
 
@@ -122,12 +133,21 @@ def _first(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load weights strictly: a silently half-loaded model would give plausible but wrong numbers."""
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, resample: bool = False) -> None:
+    """Load weights strictly: a silently half-loaded model would give plausible but wrong numbers.
+
+    `resample`: the model has another resolution or patch size than the weights; timm's checkpoint
+    filter resamples the patch and position embeddings to it (every other tensor must still match)."""
     file = Path(path)
     if not file.is_file():
         raise UserError(f"checkpoint not found: {file}")
     state = _unwrap(_read_state_dict(file), file)
+    if resample:
+        from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+        if not isinstance(model, VisionTransformer):
+            raise UserError(f"--img-size/--patch-size resample a ViT's embeddings; {type(model).__name__} is not one")
+        state = checkpoint_filter_fn(state, model)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

@@ -109,6 +109,18 @@ PREDICTIONS = "predictions"  # OUT/predictions/<config_key>.csv.gz: one line per
 PREDICTION_COLUMNS = ["image", "label", "pred1", "pred2", "pred3", "pred4", "pred5", "correct1", "correct5"]
 
 
+def write_table(path: str | os.PathLike, rows: list[dict[str, Any]], columns: list[str]) -> Path:
+    """Write a derived table whole (its rows come from other files, which resume): header and rows,
+    replacing the file in one rename, so a reader never sees half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(as_text(columns, [["" if r.get(c) is None else str(r.get(c, "")) for c in columns] for r in rows]),
+                   encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def predictions_path(out: str | os.PathLike, key: str) -> Path:
     """Where the per-image records of the row with `key` lie."""
     return Path(out) / PREDICTIONS / f"{key}.csv.gz"

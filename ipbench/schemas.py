@@ -217,4 +217,30 @@ COHERENCE_COLUMNS: list[str] = [
 # Columns added to a schema since the first release: a file without some of them (and otherwise
 # the same columns in the same order) was written by an older ipbench and is upgraded, its rows
 # given the values `results.derive_missing` computes from their own cells. Add a new column here.
+# Columns of results/sensitivity.csv: the variant, then the sweep row's own cells (ipbench sensitivity).
+SENSITIVITY_COLUMNS: list[str] = [
+    "axis",  # patch (patch size varied at the model's resolution) | resolution (at its patch size)
+    "patch_size",
+    "img_size",
+    "grid",  # patches per side
+    "patch_tokens",
+    "model",
+    "checkpoint_sha256",
+    "data",
+    "num_images",
+    "reducer_spec",
+    "reducer_label",
+    "reducer_line",
+    "keep_rate",
+    "tokens_per_layer",
+    "final_tokens",
+    "gmacs",
+    "gmacs_analytic",
+    "gmacs_ratio",  # the variant's baseline GMACs / this row's
+    *ACCURACY_COLUMNS,
+    "img_s_median",
+    "speedup_median",  # against the variant's own baseline, paired in one run
+    "config_key",  # <axis>/<the key of the OUT/sensitivity/<variant>/sweep.csv row it comes from>
+]
+
 ADDED_COLUMNS: frozenset[str] = frozenset({*ACCURACY_INTERVAL_COLUMNS, *SPEED_DETAIL_COLUMNS, "score"})

@@ -195,3 +195,30 @@ def print_comparisons(pairs: list[Any], title: str, compact: bool = False) -> No
     low, high = resolvable(pairs)
     paper_console().print(f"resolvable with these images (80 % power, McNemar at 0.05): differences of {low:.1f} "
                           f"to {high:.1f} points, depending on how often the two rows disagree", soft_wrap=True)
+
+
+def sensitivity_table(rows: list[dict[str, Any]], title: str, caption: str | None = None) -> Table:
+    """`ipbench sensitivity`'s rows: per variant (patch size, resolution, grid) each reducer's tokens,
+    GMACs, ratio to that variant's baseline, top-1 with its interval (and speed-up when timed)."""
+    from ipbench.plots.frames import interval_cell
+
+    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD)
+    timed = _any(rows, "speedup_median")
+    for head in ("varies", "patch", "px", "grid", "reducer", "tokens", "GMACs", "ratio", "top-1 % [95 % CI]",
+                 *(("speed-up",) if timed else ())):
+        table.add_column(head, justify="left" if head in ("varies", "reducer") else "right", no_wrap=True)
+    last = None
+    for r in rows:
+        variant = (r["axis"], r["patch_size"], r["img_size"])
+        first = variant != last
+        if first and last is not None:
+            table.add_section()
+        last = variant
+        cells = [str(r["axis"]) if first else "", str(r["patch_size"]) if first else "",
+                 str(r["img_size"]) if first else "", f"{r['grid']}x{r['grid']}" if first else "", label(r),
+                 str(r.get("final_tokens", "")), _num(r.get("gmacs"), ".3f"), _num(r.get("gmacs_ratio"), ".2f"),
+                 interval_cell(r, digits=1) if r.get("top1_low") not in ("", None) else _num(r.get("top1"), ".1f")]
+        if timed:
+            cells.append(_num(r.get("speedup_median"), ".2f"))
+        table.add_row(*cells)
+    return table

@@ -262,3 +262,53 @@ def speed_cmd(
         table = timm_benchmark_rows(rows, outcome.ctx.source.input_size[-1], params)
         pd.DataFrame(table).to_csv(timm_csv, index=False)
         typer.echo(f"timm benchmark columns: {timm_csv}")
+
+
+@app.command("sensitivity")
+@handle_errors
+@run_options()
+def sensitivity_cmd(
+    run: RunSpec,
+    reducers: ReducersOpt = None,
+    patch_sizes: Annotated[str, typer.Option(
+        "--patch-sizes", help="Patch sizes to rebuild the model with, at its own resolution, comma separated.")]
+        = "8,12,16,24,32",
+    img_sizes: Annotated[str, typer.Option(
+        "--img-sizes", help="Resolutions to run the model at, with its own patch size, comma separated.")]
+        = "160,224,288,384",
+    keep: Annotated[float, typer.Option(
+        "--keep", min=0.0, max=1.0, help="The keep rate every variant is swept at (ToMe's r and other knobs: "
+                                          "the value matching EViT's GMACs at it on that variant).")] = 0.7,
+    speed: Annotated[bool, typer.Option(
+        "--speed/--no-speed", help="Also time each variant against its own baseline (slow on a CPU).")] = False,
+    out: OutOpt = Path("results"),
+    force: ForceOpt = False,
+) -> None:
+    """Each reducer as the patch size and the resolution vary, on the SAME weights (embeddings resampled).
+
+    Default reducers: tome, evit, imagepiece. One sweep per variant (OUT/sensitivity/<variant>/, each
+    resuming), gathered into OUT/sensitivity.csv: accuracy, tokens, GMACs and the GMACs ratio against
+    the variant's own baseline; `ipbench plot OUT` draws it.
+    """
+    from ipbench.cli.display import Display, sensitivity_table, wide_console
+    from ipbench.cli.options import parse_sizes
+    from ipbench.runs.context import check_spec
+    from ipbench.runs.sensitivity import SensitivityRequest, run_sensitivity
+    from ipbench.runs.sweep import SweepRequest
+
+    if not 0.0 < keep <= 1.0:
+        raise UserError(f"bad --keep {keep:g}: a keep rate must be in (0, 1]")
+    if run.img_size is not None or run.patch_size is not None:
+        raise UserError("sensitivity sets the patch size and resolution itself: use --patch-sizes and --img-sizes "
+                        "instead of --patch-size/--img-size")
+    req = SensitivityRequest(
+        policies=policies(reducers, "tome,evit,imagepiece"), patch_sizes=parse_sizes(patch_sizes, "--patch-sizes", 2),
+        img_sizes=parse_sizes(img_sizes, "--img-sizes", 8), keep=keep,
+        sweep=SweepRequest(policies=[], speed=_protocol(run.batch_size, 5, 2.0, 2, False, 4), measure_speed=speed,
+                           force=force))
+    check_spec(run)
+    with Display(None, "sensitivity") as d:
+        csv_path, rows, notes = run_sensitivity(run, req, out, d)
+    console = wide_console()
+    console.print(sensitivity_table(rows, f"sensitivity: {run.model}, keep rate {keep:g}", "\n".join(notes) or None))
+    console.print(f"{len(rows)} row(s) in {csv_path}", soft_wrap=True)

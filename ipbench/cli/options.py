@@ -76,6 +76,14 @@ SeedOpt = Annotated[int, typer.Option(
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
 WorkersOpt = Annotated[int, typer.Option(
     "--workers", min=0, help="Image-decoding worker processes (0 decodes in the main process).")]
+ImgSizeOpt = Annotated[int | None, typer.Option(
+    "--img-size", min=8,
+    help="Run the model at this resolution on the same weights: timm resamples the position embedding "
+         "(bicubic) and the images are resized and cropped to it.")]
+PatchSizeOpt = Annotated[int | None, typer.Option(
+    "--patch-size", min=2,
+    help="Run the model with this patch size on the same weights: timm resamples the patch embedding "
+         "(FlexiViT's resize) and the position embedding.")]
 OutOpt = Annotated[Path, typer.Option(
     "--out", "-o", help="Folder for the result CSVs (each command appends to its own <command>.csv).")]
 ForceOpt = Annotated[bool, typer.Option(
@@ -100,6 +108,8 @@ SHARED: dict[str, tuple[Any, Any]] = {
     "seed": (SeedOpt, 0),
     "batch_size": (BatchOpt, 32),
     "workers": (WorkersOpt, DEFAULT_WORKERS),
+    "img_size": (ImgSizeOpt, None),
+    "patch_size": (PatchSizeOpt, None),
 }
 
 
@@ -203,3 +213,17 @@ def policies(values: list[str] | None, default: str) -> list[Any]:
     if not found:
         raise UserError("--reducers: no reducer given")
     return found
+
+
+def parse_sizes(text: str, option: str, minimum: int) -> list[int]:
+    """``12,16,24`` → distinct integers >= `minimum`, in the order given."""
+    sizes = []
+    for piece in (p.strip() for p in text.split(",")):
+        try:
+            size = int(piece)
+        except ValueError:
+            raise UserError(f"bad {option} value {piece!r}: expected integers separated by commas") from None
+        if size < minimum:
+            raise UserError(f"bad {option} value {size}: must be at least {minimum}")
+        sizes.append(size)
+    return list(dict.fromkeys(sizes))

@@ -209,3 +209,30 @@ def fig_eval_top1(df: pd.DataFrame) -> Figure | None:
     ax.set_xlim(0, 105)
     _title(ax, "Top-1 per reducer (ipbench eval)", df)
     return fig
+
+
+def fig_sensitivity(df: pd.DataFrame) -> Figure | None:
+    """Top-1 of every reducer as the patch size varies (left) and as the resolution varies (right),
+    each variant against its own baseline (`ipbench sensitivity`)."""
+    if not has_values(df, "top1", "patch_size", "img_size"):
+        return None
+    df = df.assign(_y=numeric(df, "top1"), _label=df.get("reducer_line", row_labels(df)))
+    axes_of = [(a, x, t) for a, x, t in (("patch", "patch_size", "patch size (px, at the model's resolution)"),
+                                         ("resolution", "img_size", "resolution (px, at the model's patch size)"))
+               if (df["axis"] == a).any()]
+    if not axes_of:
+        return None
+    fig, axes = _new(ncols=len(axes_of), width=5.2)
+    styler = Styler()
+    for ax, (axis, column, title) in zip(axes, axes_of):
+        part = df[df["axis"] == axis]
+        for name, g in part.groupby("_label", sort=False):
+            g = g.sort_values(column)
+            ax.plot(numeric(g, column), g["_y"], label=str(name), markersize=5, **styler(str(name)))
+        ax.set_xlabel(title)
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_xticks(sorted(numeric(part, column).dropna().unique()))
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=8)
+    _title(fig, "Sensitivity to patch size and resolution (same weights, embeddings resampled)", df)
+    return fig

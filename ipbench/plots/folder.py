@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ipbench.plots.analyses import fig_attentiveness, fig_coherence, fig_importance, fig_robustness, fig_similarity
-from ipbench.plots.figures import fig_accuracy_vs, fig_eval_top1, fig_speedup_vs_gmacs_ratio, fig_tokens_per_layer
+from ipbench.plots.figures import (
+    fig_accuracy_vs,
+    fig_eval_top1,
+    fig_sensitivity,
+    fig_speedup_vs_gmacs_ratio,
+    fig_tokens_per_layer,
+)
 from ipbench.plots.frames import SWEEP_KINDS, PlotOutput, missing, read_folder, runs
 
 if TYPE_CHECKING:
@@ -40,6 +46,7 @@ FIGURES: dict[str, list[tuple[str, FigureMaker, list[str]]]] = {
     "importance": [("share", fig_importance, ["layer", "top_p", "share"])],
     "attentiveness": [("per_layer", fig_attentiveness, ["layer", "share_became_attentive"])],
     "coherence": [("locality", fig_coherence, ["locality", "top1"])],
+    "sensitivity": [("top1", fig_sensitivity, ["top1", "patch_size", "img_size"])],
 }
 
 

@@ -27,7 +27,7 @@ ANALYSIS_COLUMNS: dict[str, tuple[str, ...]] = {
     "attentiveness": ("reducer_spec", "layer", "share_became_attentive"),
     "coherence": ("reducer_spec", "locality", "top1"),
 }
-KINDS = (*SWEEP_KINDS, "eval", *ANALYSIS_COLUMNS)
+KINDS = (*SWEEP_KINDS, "eval", *ANALYSIS_COLUMNS, "sensitivity")
 # Columns that qualify an analysis row beyond its reducer (a setting of the command); they join
 # the row's label where a CSV holds several values of one.
 QUALIFIERS: dict[str, tuple[str, ...]] = {

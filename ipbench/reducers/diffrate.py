@@ -20,6 +20,7 @@ from ipbench.reducers.knobs import CostMatched
 from ipbench.reducers.matching import nearest_match, rank_tokens
 from ipbench.reducers.policy import Param, Policy
 from ipbench.reducers.spec import register
+from ipbench.reducers.trace import record_merge
 
 # The official compression_rate.json (OpenGVLab/DiffRate @91ae3e3), DeiT entries: per published
 # GMACs target, the tokens (class token included) after pruning and after merging in each block.
@@ -169,5 +170,6 @@ class DiffRate(Policy):
             return st.keep(x, torch.cat([prefix, order[:, :kept - p]], dim=1))
         dst = torch.cat([prefix, order[:, :merged - p]], dim=1)
         plan, cos = nearest_match(x, dst, order[:, merged - p:kept - p], p)
+        record_merge(st, self.name, plan, x, x, ev.cls_attn, metric_name="x")
         scale = torch.ones_like(x[..., :1]).scatter(1, plan.src.unsqueeze(-1), cos.unsqueeze(-1).to(x.dtype))
         return st.merge(x, plan, weight=torch.ones_like(x[..., :1]), size_scale=scale)

@@ -21,6 +21,7 @@ from ipbench.reducers.knobs import CostMatched, ratio_grid
 from ipbench.reducers.matching import MergePlan, bipartite_match, gather_tokens
 from ipbench.reducers.policy import Param, Policy
 from ipbench.reducers.spec import register
+from ipbench.reducers.trace import record_merge
 
 
 def energy_order(keys: Tensor, margin: float, alpha: float) -> Tensor:
@@ -96,5 +97,8 @@ class PiToMe(Policy):
         margin = self.params["margin"] * (1 - layer / self.depth)
         order = energy_order(ev.keys[:, p:], margin, self.params["alpha"]) + p
         if layer < math.ceil(self.params["bsm_share"] * self.depth):
-            return st.merge(x, sorted_bipartite_plan(ev.keys, order, r, p))
-        return st.merge(x, protected_plan(ev.keys, order, r, p))
+            plan = sorted_bipartite_plan(ev.keys, order, r, p)
+        else:
+            plan = protected_plan(ev.keys, order, r, p)
+        record_merge(st, self.name, plan, ev.keys, x, ev.cls_attn)
+        return st.merge(x, plan)

@@ -21,6 +21,7 @@ from ipbench.reducers.knobs import CostMatched, ratio_grid
 from ipbench.reducers.matching import MergePlan, alternate_plan, gather_tokens
 from ipbench.reducers.policy import Param, Policy
 from ipbench.reducers.spec import register
+from ipbench.reducers.trace import record_merge
 
 
 def norm_rescaled_mean(x: Tensor, mean: Tensor, plan: MergePlan) -> Tensor:
@@ -67,5 +68,6 @@ class ToFu(Policy):
         last_pruning = self.depth // 2 if self.params["prune_blocks"] < 0 else self.params["prune_blocks"]
         if layer <= last_pruning:
             return st.keep(x, plan.keep)
+        record_merge(st, self.name, plan, ev.keys, x, ev.cls_attn)
         mean = st.merge(x, plan, weight=torch.ones_like(x[..., :1]))
         return norm_rescaled_mean(x, mean, plan)

@@ -52,6 +52,8 @@ class RunSpec:
     seed: int = 0
     batch_size: int = 32
     workers: int = 0
+    img_size: int | None = None  # run the model at this resolution (position embedding resampled)
+    patch_size: int | None = None  # ... or with this patch size (patch and position embeddings resampled)
 
 
 def check_spec(spec: RunSpec) -> None:
@@ -201,7 +203,9 @@ class RunContext:
         s = self.spec
         return {"model": self.model, "checkpoint": self.sha256 or self.checkpoint, "weights": self.weights,
                 "data": self.source.path, "num_images": self.source.num_images, "skip_bad": s.skip_bad,
-                "device": s.device, "amp_dtype": s.amp_dtype, "model_dtype": s.model_dtype, "seed": s.seed}
+                "device": s.device, "amp_dtype": s.amp_dtype, "model_dtype": s.model_dtype, "seed": s.seed,
+                # only when set, so that every key of a model at its own size stays what it was
+                **{k: v for k, v in (("img_size", s.img_size), ("patch_size", s.patch_size)) if v is not None}}
 
     @property
     def accuracy_note(self) -> str | None:
@@ -220,7 +224,8 @@ def open_run(spec: RunSpec, source_limit: int | None = None) -> RunContext:
         torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
     pretrained = spec.weights != "random"
-    net = models.create_model(spec.model, spec.checkpoint, device=device, pretrained=pretrained)
+    net = models.create_model(spec.model, spec.checkpoint, device=device, pretrained=pretrained,
+                              img_size=spec.img_size, patch_size=spec.patch_size)
     net = net.to(resolve_dtype(spec.model_dtype))
     timm_name = models.resolve_name(spec.model)
     if spec.checkpoint is not None:
