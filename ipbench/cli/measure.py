@@ -292,6 +292,7 @@ def sensitivity_cmd(
     """
     from ipbench.cli.display import Display, sensitivity_table, wide_console
     from ipbench.cli.options import parse_sizes
+    from ipbench.measure.throughput import SpeedProtocol
     from ipbench.runs.context import check_spec
     from ipbench.runs.sensitivity import SensitivityRequest, run_sensitivity
     from ipbench.runs.sweep import SweepRequest
@@ -304,7 +305,7 @@ def sensitivity_cmd(
     req = SensitivityRequest(
         policies=policies(reducers, "tome,evit,imagepiece"), patch_sizes=parse_sizes(patch_sizes, "--patch-sizes", 2),
         img_sizes=parse_sizes(img_sizes, "--img-sizes", 8), keep=keep,
-        sweep=SweepRequest(policies=[], speed=_protocol(run.batch_size, 5, 2.0, 2, False, 4), measure_speed=speed,
+        sweep=SweepRequest(policies=[], speed=SpeedProtocol(batch_size=run.batch_size), measure_speed=speed,
                            force=force))
     check_spec(run)
     with Display(None, "sensitivity") as d:

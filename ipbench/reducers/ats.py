@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ipbench.reducers.engine import Evidence, TokenState
 from ipbench.reducers.knobs import KEEP_RATE
+from ipbench.reducers.matching import false_first
 from ipbench.reducers.policy import Param, Policy
 from ipbench.reducers.spec import register
 
@@ -54,7 +55,7 @@ def inverse_transform_picks(scores: Tensor, real: Tensor, k: int) -> tuple[Tenso
     picked = torch.zeros_like(real).scatter_(1, picks, 1)
     count = picked.sum(dim=-1)
     width = int(count.max())
-    first = (~picked).to(torch.int8).argsort(dim=-1, stable=True)[:, :width]  # picked positions, ascending
+    first = false_first(~picked)[:, :width]  # the picked positions, ascending
     valid = torch.arange(width, device=s.device) < count.unsqueeze(-1)
     return order.gather(1, first), valid
 
@@ -78,8 +79,7 @@ class ATS(Policy):
 
     def bind(self, depth: int, n_tokens: int, n_prefix: int) -> None:
         super().bind(depth, n_tokens, n_prefix)
-        self.check_layers(self.params["layers"])
-        self._layers = frozenset(self.params["layers"])
+        self._layers = self.layer_set()
         self._k = max(2, math.ceil(self.params["keep"] * (n_tokens - n_prefix)))
 
     def acts_at(self, layer: int) -> bool:

@@ -108,6 +108,7 @@ class Combination(Policy):
         self._text: str | None = None
         self.needs = frozenset().union(*(p.needs for p in parts))  # type: ignore[misc]
         self.training_free = all(p.training_free for p in parts)  # type: ignore[misc]
+        self.adaptive = any(p.adaptive for p in parts)  # type: ignore[misc]
         self.depth = None
         self.n_tokens = self.n_prefix = 0
         want = self.prop_attn

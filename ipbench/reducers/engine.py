@@ -75,7 +75,7 @@ class _PatchedBlock:
         # Tracing reads the evidence of every block (same ops, so outputs are unchanged).
         needs = (eng.policy.needs if active else frozenset()) | (_TRACE_NEEDS if tracing else frozenset())
         a, captured, matrix = attention_with_evidence(self.attn, self.norm1(x), bias, bool(needs & QKV_NEEDS),
-                                         "attn" in needs)
+                                                      "attn" in needs)
         x = x + self.drop_path1(self.ls1(a))
         ev = qkv_evidence(self.attn, captured[0], bias, needs) if captured else Evidence()
         ev.attn = matrix

@@ -1,17 +1,20 @@
 """How a sweep drives a reducer: the one parameter a keep rate or a GMACs budget sets.
 
-A policy declares its knob (``Policy.knob``); the sweep never looks at a reducer's name. Two kinds
+A policy declares its knob (``Policy.knob``); the sweep never looks at a reducer's name. Three kinds
 cover the field's reducers:
 
 * `KeepRate` (``keep`` in (0, 1]: EViT, Top-K, ImagePiece, MSTM, ...): a keep rate ρ is set as
   it is; a budget is met by bisection on ρ (GMACs grow with ρ, a step function of it).
-* `MergeCount` (ToMe's ``r``, tokens merged per block): a keep rate ρ becomes the constant r whose
-  GMACs are closest to a reference reducer's at ρ (EViT's default schedule); a budget is met by a
-  constant r, or else by r+1 in the first j blocks and r after (one step of a constant r moves
-  DeiT's cost by ~4 %, more than the tolerance).
+* `CostMatched` (a parameter that is not a keep rate: PiToMe's ratio, PPT's r, DiffRate's target):
+  a keep rate ρ becomes the candidate value whose GMACs are closest to a reference reducer's at ρ
+  (EViT's default schedule); a budget the candidate closest to it.
+* `MergeCount` (ToMe's ``r``, tokens merged per block): a `CostMatched` over the constant r; a
+  budget is met by a constant r, or else by r+1 in the first j blocks and r after (one step of a
+  constant r moves DeiT's cost by ~4 %, more than the tolerance).
 
 Costs come from a `CostModel` the caller provides (the analytic count from the static token
-plan: no image is run, so calibrating a whole sweep is instant).
+plan: no image is run, so calibrating a whole sweep is instant; an image-adaptive reducer's from a
+probe batch).
 """
 
 from __future__ import annotations
@@ -129,15 +132,56 @@ class KeepRate(Knob):
         return best
 
 
-class MergeCount(Knob):
+class CostMatched(Knob):
+    """A parameter that is not a keep rate (PiToMe's per-block ratio, PPT's tokens per stage, a
+    published schedule): a keep rate ρ sets the value whose GMACs are closest to a reference
+    reducer's at ρ (EViT's default schedule, as for ToMe's r), and a budget the value closest to
+    it. The candidates are a fixed grid of values (`values`), so both are a search, not a guess.
+    """
+
+    name = "cost_matched"
+    priority = 1
+
+    def __init__(self, param: str, values: Callable[[CostModel], Sequence[Any]], reference: str = "evit") -> None:
+        self.param = param
+        self.values = values
+        self.reference = reference
+
+    def _options(self, policy: Policy, costs: CostModel) -> list[tuple[Policy, float]]:
+        """Every candidate this model can take, with its GMACs (the first error if it takes none)."""
+        out, errors = [], []
+        for v in self.values(costs):
+            try:
+                p = policy.with_knob(self, v)
+                out.append((p, costs.gmacs(p)))
+            except UserError as exc:  # a value this model cannot take
+                errors.append(exc)
+        if not out:
+            raise errors[0] if errors else UserError(f"{policy.text}: no value of {self.param} to try")
+        return out
+
+    def at_keep(self, policy: Policy, keep: float, costs: CostModel) -> Policy:
+        from ipbench.reducers.spec import parse_spec
+
+        target = costs.gmacs(parse_spec(f"{self.reference}:keep={keep:g}"))
+        return min(self._options(policy, costs), key=lambda pg: abs(pg[1] - target))[0]
+
+    def calibrate(self, policy: Policy, budget: float, costs: CostModel, tol: float = DEFAULT_TOLERANCE) -> Policy:
+        found, gm = min(self._options(policy, costs), key=lambda pg: abs(pg[1] - budget))
+        if abs(gm - budget) / budget > tol:
+            raise _off(policy, found, budget, gm, "the nearest of its values", tol, self)
+        return found
+
+
+class MergeCount(CostMatched):
     """Tokens merged per block (one value, or one per block), bounded by half of the patches."""
 
     name = "merge_count"
     priority = 1
 
     def __init__(self, param: str, reference: str) -> None:
-        self.param = param
-        self.reference = reference  # the reducer whose GMACs at a keep rate set r (its default schedule)
+        # a keep rate sets the r whose GMACs match `reference`'s (its default schedule) at it
+        super().__init__(param, lambda costs: range(self.max_value(costs) + 1), reference)
 
     def max_value(self, costs: CostModel) -> int:
         """The largest constant r: half of the patch tokens."""
@@ -156,13 +200,6 @@ class MergeCount(Knob):
         if values and max(values) > self.max_value(costs):
             raise UserError(f"bad --tome-r value {max(values)}: ToMe merges at most half of the {costs.n_patches} "
                             f"patch tokens per block, r <= {self.max_value(costs)}")
-
-    def at_keep(self, policy: Policy, keep: float, costs: CostModel) -> Policy:
-        from ipbench.reducers.spec import parse_spec
-
-        target = costs.gmacs(parse_spec(f"{self.reference}:keep={keep:g}"))
-        options = {r: costs.gmacs(policy.with_knob(self, r)) for r in range(self.max_value(costs) + 1)}
-        return policy.with_knob(self, min(options, key=lambda r: (abs(options[r] - target), r)))
 
     def calibrate(self, policy: Policy, budget: float, costs: CostModel, tol: float = DEFAULT_TOLERANCE) -> Policy:
         constant = [policy.with_knob(self, r) for r in range(self.max_value(costs) + 1)]
@@ -189,46 +226,6 @@ class MergeCount(Knob):
 
 
 KEEP_RATE = KeepRate()
-
-
-class CostMatched(Knob):
-    """A parameter that is not a keep rate (PiToMe's per-block ratio, PPT's tokens per stage, a
-    published schedule): a keep rate ρ sets the value whose GMACs are closest to a reference
-    reducer's at ρ (EViT's default schedule, as for ToMe's r), and a budget the value closest to
-    it. The candidates are a fixed grid of values (`values`), so both are a search, not a guess.
-    """
-
-    name = "cost_matched"
-    priority = 1
-
-    def __init__(self, param: str, values: Callable[[CostModel], Sequence[Any]], reference: str = "evit") -> None:
-        self.param = param
-        self.values = values
-        self.reference = reference
-
-    def _options(self, policy: Policy, costs: CostModel) -> list[tuple[Policy, float]]:
-        out = []
-        for v in self.values(costs):
-            try:
-                p = policy.with_knob(self, v)
-                out.append((p, costs.gmacs(p)))
-            except UserError:
-                continue  # a value this model cannot take
-        if not out:
-            raise UserError(f"{policy.text}: no value of {self.param} fits this model")
-        return out
-
-    def at_keep(self, policy: Policy, keep: float, costs: CostModel) -> Policy:
-        from ipbench.reducers.spec import parse_spec
-
-        target = costs.gmacs(parse_spec(f"{self.reference}:keep={keep:g}"))
-        return min(self._options(policy, costs), key=lambda pg: abs(pg[1] - target))[0]
-
-    def calibrate(self, policy: Policy, budget: float, costs: CostModel, tol: float = DEFAULT_TOLERANCE) -> Policy:
-        found, gm = min(self._options(policy, costs), key=lambda pg: abs(pg[1] - budget))
-        if abs(gm - budget) / budget > tol:
-            raise _off(policy, found, budget, gm, "the nearest of its values", tol, self)
-        return found
 
 
 def ratio_grid(lo: float, step: float = 0.0025) -> Callable[[CostModel], list[float]]:

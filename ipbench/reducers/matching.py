@@ -132,6 +132,18 @@ def fuse_tokens(x: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
     return (gather_tokens(x, idx) * w).sum(dim=1, keepdim=True)
 
 
+def false_first(flags: Tensor) -> Tensor:
+    """Indices [B, N] of a [B, N] bool mask's False positions, then of its True ones, each group in
+    its order (a stable partition: the survivors of a removal, or the picks of a sampling, in order)."""
+    return flags.to(torch.int8).argsort(dim=-1, stable=True)
+
+
+def remaining(n: int, removed: Tensor) -> Tensor:
+    """The indices 0..n-1 except `removed` [B, R], in order: [B, n − R]."""
+    mask = torch.zeros(removed.shape[0], n, dtype=torch.bool, device=removed.device).scatter_(1, removed, 1)
+    return false_first(mask)[:, : n - removed.shape[1]]
+
+
 def ordered_merge_plan(n_tokens: int, src: Tensor, dst: Tensor) -> MergePlan:
     """MergePlan merging input tokens src [B, R] into input tokens dst [B, R] (dst not in src).
 
@@ -140,7 +152,7 @@ def ordered_merge_plan(n_tokens: int, src: Tensor, dst: Tensor) -> MergePlan:
     """
     bsz, r = src.shape
     removed = torch.zeros(bsz, n_tokens, dtype=torch.bool, device=src.device).scatter_(1, src, 1)
-    keep = removed.to(torch.int8).argsort(dim=1, stable=True)[:, : n_tokens - r]
+    keep = false_first(removed)[:, : n_tokens - r]
     slot = torch.arange(n_tokens, device=src.device) - removed.cumsum(dim=1)
     return MergePlan(keep=keep, src=src, dst=slot.gather(1, dst))
 

@@ -220,6 +220,11 @@ class Policy:
 
         return short_label(self, drop_knob=drop_knob)
 
+    def layer_set(self) -> frozenset[int]:
+        """The `layers` parameter (the blocks a reducer acts in), checked against the bound model."""
+        self.check_layers(self.params["layers"])
+        return frozenset(self.params["layers"])
+
     def check_layers(self, layers: list[int], what: str = "layers") -> None:
         assert self.depth is not None
         bad = [i for i in layers if not 0 <= i < self.depth]

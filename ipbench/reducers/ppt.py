@@ -51,8 +51,7 @@ class PPT(Policy):
 
     def bind(self, depth: int, n_tokens: int, n_prefix: int) -> None:
         super().bind(depth, n_tokens, n_prefix)
-        self.check_layers(self.params["layers"])
-        self._layers = frozenset(self.params["layers"])
+        self._layers = self.layer_set()
 
     @property
     def prop_attn(self) -> bool:

@@ -19,7 +19,7 @@ from torch import Tensor
 from ipbench.errors import UserError
 from ipbench.reducers.engine import Evidence, TokenState
 from ipbench.reducers.knobs import KEEP_RATE
-from ipbench.reducers.matching import gather_tokens
+from ipbench.reducers.matching import gather_tokens, remaining
 from ipbench.reducers.policy import Param, Policy, keep_count
 from ipbench.reducers.spec import register
 
@@ -57,12 +57,6 @@ def sub_graph(attn: Tensor, idx: Tensor) -> Tensor:
     return sub / sub.sum(dim=-1, keepdim=True)
 
 
-def without(n: int, removed: Tensor) -> Tensor:
-    """The indices 0..n-1 except `removed` [B, R], in order: [B, n − R]."""
-    mask = torch.zeros(removed.shape[0], n, dtype=torch.int8, device=removed.device).scatter_(1, removed, 1)
-    return mask.argsort(dim=1, stable=True)[:, : n - removed.shape[1]]
-
-
 @register
 class ZeroTPrune(Policy):
     name = "zerotprune"
@@ -98,8 +92,7 @@ class ZeroTPrune(Policy):
 
     def bind(self, depth: int, n_tokens: int, n_prefix: int) -> None:
         super().bind(depth, n_tokens, n_prefix)
-        self.check_layers(self.params["layers"])
-        self._layers = frozenset(self.params["layers"])
+        self._layers = self.layer_set()
 
     def acts_at(self, layer: int) -> bool:
         return layer in self._layers and self.params["keep"] < 1.0
@@ -142,10 +135,10 @@ class ZeroTPrune(Policy):
             low, high = order[:, half:], order[:, :half]
             k = ev.keys / ev.keys.norm(dim=-1, keepdim=True)
             sim = (gather_tokens(k, low) @ gather_tokens(k, high).transpose(1, 2)).amax(dim=-1)
-            keep = without(n, low.gather(1, sim.topk(r_s, dim=-1).indices))
+            keep = remaining(n, low.gather(1, sim.topk(r_s, dim=-1).indices))
             attn = sub_graph(attn, keep)
         if r_i > 0:  # I-stage: full Page Rank on the remaining graph, the top tokens kept in order
             score = self._scores(attn, self._iters(layer))[:, p:]
             drop = score.topk(r_i, dim=-1, largest=False).indices + p
-            keep = keep.gather(1, without(keep.shape[1], drop))
+            keep = keep.gather(1, remaining(keep.shape[1], drop))
         return st.keep(x, keep)

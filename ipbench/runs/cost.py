@@ -20,7 +20,7 @@ from ipbench.measure.flops import count_gmacs
 from ipbench.measure.throughput import SpeedProtocol, SpeedResult, measure_grouped
 from ipbench.reducers import Policy
 from ipbench.runs.context import RunContext, RunSpec, open_run
-from ipbench.runs.plan import BASELINE, Config, Costs, Variants, config, is_vit, per_image_gmacs
+from ipbench.runs.plan import BASELINE, Config, Costs, Variants, config, is_vit, mean_gmacs
 from ipbench.runs.progress import Progress, Silent
 
 FLOPS_AGREEMENT = 0.01  # fvcore and the analytic count must agree within 1 %
@@ -205,12 +205,7 @@ def adaptive_fields(model: nn.Module, n_in: int, rows: list[list[int]]) -> dict[
     (the per-image average, the convention of ATS and LTMP); plus the final count's min and max."""
     if not rows:
         return {}
-    cache: dict[tuple[int, ...], float] = {}
-    for r in rows:
-        cache.setdefault(tuple(r), per_image_gmacs(model, n_in, r))
-    depth = len(rows[0])
-    means = [sum(r[i] for r in rows) / len(rows) for i in range(depth)]
+    means = [sum(column) / len(rows) for column in zip(*rows)]
     finals = [r[-1] for r in rows]
     return {"tokens_per_layer": " ".join(f"{m:.2f}" for m in means), "final_tokens": round(means[-1], 2),
-            "gmacs_mean": sum(cache[tuple(r)] for r in rows) / len(rows),
-            "final_min": min(finals), "final_max": max(finals)}
+            "gmacs_mean": mean_gmacs(model, n_in, rows), "final_min": min(finals), "final_max": max(finals)}

@@ -2,8 +2,8 @@
 
 Everything here is known without an image: the static token plan and the analytic GMACs
 (`ipbench.measure.flops.analytic_gmacs`, within 1 % of fvcore) of every configuration, so a whole
-sweep, its keep-rate mapping and its --match-gmacs calibration are planned in milliseconds. The
-exception is a reducer whose counts depend on the image (ATS): its cost is measured on a probe batch. Which
+sweep, its keep-rate mapping and its --match-gmacs calibration are planned in milliseconds (but for a
+reducer whose counts depend on the image, ATS: its cost is measured on a probe batch). Which
 parameter a keep rate or a budget sets is the policy's own declaration (`Policy.knob`).
 """
 
@@ -34,6 +34,15 @@ def per_image_gmacs(model: nn.Module, n_in: int, counts: list[int]) -> float:
     return analytic_gmacs(model, plan)
 
 
+def mean_gmacs(model: nn.Module, n_in: int, rows: list[list[int]]) -> float:
+    """The mean of the images' analytic GMACs from their counts (`per_image_gmacs`), each distinct
+    count vector counted once."""
+    cache: dict[tuple[int, ...], float] = {}
+    for r in rows:
+        if tuple(r) not in cache:
+            cache[tuple(r)] = per_image_gmacs(model, n_in, r)
+    return sum(cache[tuple(r)] for r in rows) / len(rows)
+
 
 class Costs:
     """The cost of policies on one plain model (the reducers' `CostModel`), memoised by spec: from the
@@ -54,7 +63,7 @@ class Costs:
 
     def gmacs(self, policy: Policy) -> float:
         if policy.spec not in self._gmacs:
-            if any(p.adaptive for p in policy.parts) and self.probe is not None:
+            if policy.adaptive and self.probe is not None:
                 self._gmacs[policy.spec] = self._probed(policy)
             else:
                 self._gmacs[policy.spec] = analytic_gmacs(self.model, self.plan(policy))
@@ -72,7 +81,7 @@ class Costs:
             remove_reducer(self.model)
         if rows is None:  # every image kept the same counts: the static plan is exact
             return analytic_gmacs(self.model, self.plan(policy))
-        return sum(per_image_gmacs(self.model, n_in, r) for r in rows.tolist()) / len(rows)
+        return mean_gmacs(self.model, n_in, rows.tolist())
 
 
 def is_vit(model: nn.Module) -> bool:
@@ -106,8 +115,7 @@ class Config:
         p = self.policy
         # an image-adaptive policy's static plan is only each image's upper bound: its counts are
         # measured (sweep and eval fill them in), never shown from the plan
-        adaptive = any(part.adaptive for part in p.parts)
-        tokens = self.plan.after if self.plan is not None and not adaptive else []
+        tokens = self.plan.after if self.plan is not None and not p.adaptive else []
         return {
             "reducer": p.name, "reducer_spec": p.spec, "reducer_params": p.params_json(),
             "reducer_label": p.label(), "reducer_line": p.label(drop_knob=True),

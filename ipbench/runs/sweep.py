@@ -95,7 +95,7 @@ def run_sweep(spec: RunSpec, req: SweepRequest, out: Path, progress: Progress | 
                         "token reducers on a ViT (use ipbench eval for this model's accuracy)")
     ctx.check_labels()
     policies = [p for p in req.policies if p.name != BASELINE]
-    adaptive = any(part.adaptive for p in policies for part in p.parts)
+    adaptive = any(p.adaptive for p in policies)
     probe = ctx.inputs(fixed_batch(ctx.first_images(spec.batch_size), spec.batch_size)) if adaptive else None
     configs = plan_sweep(Costs(ctx.net, probe), policies, req.keep_rates, req.knob_values, req.budgets)
     for c in configs:
@@ -139,7 +139,7 @@ def _measure(ctx: RunContext, req: SweepRequest, baseline: Config, pending: list
     variants = Variants(ctx.net)
     nets = {BASELINE: ctx.net, **{spec: variants(c.policy) for spec, c in first_of.items()}}
     labelled = ctx.source.has_labels
-    tallies = {spec: TokenTally() for spec, c in first_of.items() if any(p.adaptive for p in c.policy.parts)}
+    tallies = {spec: TokenTally() for spec, c in first_of.items() if c.policy.adaptive}
     decoded = None
     if labelled and ctx.fits_in_memory(req.max_decoded_mib * 2**20):
         decoded = ctx.decode(progress, "decoding images", req.max_decoded_mib * 2**20)
@@ -153,8 +153,11 @@ def _measure(ctx: RunContext, req: SweepRequest, baseline: Config, pending: list
         x1 = ctx.inputs(real[:1])
         for spec, model in nets.items():
             c = first_of[spec]
-            analytic = None if spec in tallies else c.gmacs  # an adaptive row's GMACs are measured per image
-            gmacs[spec], counters[spec] = measured_gmacs(model, x1, c.label, analytic, progress.log)
+            if spec in tallies and labelled:  # counts vary by image: the row's GMACs are its images' mean,
+                gmacs[spec], counters[spec] = c.gmacs, ADAPTIVE_COUNTER  # from `write` (no fvcore trace to drop)
+            else:  # (without labels an adaptive row keeps fvcore's count of one image, not compared)
+                analytic = None if spec in tallies else c.gmacs
+                gmacs[spec], counters[spec] = measured_gmacs(model, x1, c.label, analytic, progress.log)
             progress.advance(1, c.label)
         if req.measure_speed:
             speeds = time_configs(ctx, nets, real, req.speed, progress)
@@ -167,7 +170,7 @@ def _measure(ctx: RunContext, req: SweepRequest, baseline: Config, pending: list
             return
         measured = adaptive_fields(ctx.net, first_of[spec].plan.n_in, tallies[spec].rows) if spec in tallies else {}
         if measured:  # counts vary by image: the row's tokens and GMACs are the per-image means
-            gmacs[spec], counters[spec] = measured.pop("gmacs_mean"), ADAPTIVE_COUNTER
+            gmacs[spec] = measured.pop("gmacs_mean")
             budget = first_of[spec].gmacs_budget
             calibrated = f"; --match-gmacs calibrated it on the first {bs} images" if budget is not None else ""
             notes.append(f"{first_of[spec].label}: tokens per image vary; final tokens {measured.pop('final_min')}"
