@@ -143,11 +143,12 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, resample: bool = 
         raise UserError(f"checkpoint not found: {file}")
     state = _unwrap(_read_state_dict(file), file)
     if resample:
-        from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-
-        if not isinstance(model, VisionTransformer):
+        # each timm model module's own checkpoint filter: ViT and EVA resample the patch and position
+        # embeddings, BEiT also its relative position tables
+        filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+        if filter_fn is None or not hasattr(model, "patch_embed"):
             raise UserError(f"--img-size/--patch-size resample a ViT's embeddings; {type(model).__name__} is not one")
-        state = checkpoint_filter_fn(state, model)
+        state = filter_fn(state, model)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

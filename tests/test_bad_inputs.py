@@ -54,7 +54,8 @@ def test_a_bare_ipbench_still_prints_the_help() -> None:
 def test_non_vit_models_are_one_line_errors(command: list[str], tmp_path: Path) -> None:
     result = invoke([*command, "--model", "resnet18", "--weights", "random", "--limit", "2",
                      "--out", str(tmp_path)])
-    assert_user_error(result, "not a timm VisionTransformer")
+    assert_user_error(result, "resnet18 is a ResNet, not a ViT family ipbench reduces (timm VisionTransformer, "
+                              "Eva, Beit)")
     assert not list(tmp_path.glob("*.csv")) or all(len(p.read_text().splitlines()) <= 1 for p in tmp_path.glob("*.csv"))
 
 
@@ -62,7 +63,7 @@ def test_visualize_on_a_non_vit_is_a_one_line_error(tmp_path: Path) -> None:
     image = next(SAMPLE_FOLDER.glob("*/*.jpg"))
     result = invoke(["visualize", "--model", "resnet18", "--weights", "random", "--reducer", "tome",
                      "--image", str(image), "--out", str(tmp_path / "x.png")])
-    assert_user_error(result, "not a timm VisionTransformer")
+    assert_user_error(result, "ResNet is not a ViT family ipbench can reduce; supported: ")
 
 
 def test_a_model_without_a_head_has_no_accuracy_and_says_so(tmp_path: Path) -> None:

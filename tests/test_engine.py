@@ -252,7 +252,8 @@ def test_bad_values_for_the_model():
 
 def test_non_vit_model_is_a_clear_error():
     model = timm.create_model("resnet18", pretrained=False)
-    with pytest.raises(UserError, match="not a timm VisionTransformer"):
+    with pytest.raises(UserError, match="ResNet is not a ViT family ipbench can reduce; supported: timm "
+                                        "VisionTransformer .*, Eva .* and Beit"):
         apply_reducer(model, parse_spec("tome:r=4"))
 
 

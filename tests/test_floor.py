@@ -139,7 +139,7 @@ def test_eval_runs_any_timm_classifier_and_says_when_accuracy_means_nothing(tmp_
     assert labelled.exit_code == 0, labelled.output
     assert "accuracy is meaningless: random weights" in labelled.stderr
     assert_user_error(invoke(["eval", "--model", "resnet18", *OFFLINE, "--reducer", "tome", "--out",
-                              str(tmp_path)]), "is not a timm VisionTransformer")
+                              str(tmp_path)]), "ResNet is not a ViT family ipbench can reduce")
 
 
 def test_precision_is_recorded_and_checked(tmp_path: Path) -> None:
@@ -154,14 +154,22 @@ def test_precision_is_recorded_and_checked(tmp_path: Path) -> None:
 
 
 def test_class_token_attention_needs_a_class_token() -> None:
+    """Without a class token, a CLS-ranking reducer reads the attention each token receives
+    (importance=auto -> received); asking for importance=cls there is a one-line error."""
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", class_token=False, global_pool="avg").eval()
-    for spec in ("evit", "imagepiece", "mstm", "imagepiece+tome"):
-        with pytest.raises(UserError, match="ranks tokens by class-token attention, but this model has no class"):
+    for spec in ("evit:importance=cls", "imagepiece:importance=cls", "mstm:importance=cls",
+                 "imagepiece:importance=cls+tome"):
+        with pytest.raises(UserError, match="ranks tokens by class-token attention .importance=cls., but this "
+                                            "model has no class token; use importance=received"):
             apply_reducer(model, parse_spec(spec))
-    apply_reducer(model, parse_spec("tome:r=8"))  # ToMe matches on keys: no class token needed
-    with torch.inference_mode():
-        assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 1000)
+    with pytest.raises(UserError, match="rank tokens by cls and received attention"):
+        apply_reducer(model, parse_spec("imagepiece:importance=received+evit:importance=cls"))
+    for spec in ("tome:r=8", "evit", "imagepiece+tome"):  # ToMe matches on keys: no importance at all
+        apply_reducer(model, parse_spec(spec))
+        with torch.inference_mode():
+            assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 1000)
+        assert model._ipb.importance == (None if spec == "tome:r=8" else "received")
 
 
 # -- output folders -----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import timm
 import torch
 from torch import nn
 
-from ipbench.measure.flops import COUNTER_NAME, analytic_gmacs, count_gmacs
+from ipbench.measure.flops import COUNTER_NAME, _attention_pool_macs, analytic_gmacs, count_gmacs
 from ipbench.reducers import TokenPlan, apply_reducer, parse_spec, remove_reducer, token_plan
 
 
@@ -179,10 +179,17 @@ def test_analytic_follows_the_given_plan(vit):
         analytic_gmacs(model, TokenPlan(197, [197] * 11, [197] * 11))
 
 
-def test_analytic_rejects_attention_pool_heads():
-    model = _vit("vit_small_patch16_224", depth=1, global_pool="map")
-    with pytest.raises(ValueError, match="attention-pooling"):
-        analytic_gmacs(model)
+def test_analytic_counts_attention_pool_heads():
+    """SigLIP's MAP head: keys/values of every pooled token, one latent query, its MLP; exactly fvcore's."""
+    model = _vit("vit_small_patch16_224", depth=1, global_pool="map", class_token=False)
+    pool = model.attn_pool
+    assert pool.latent_len == 1 and pool.mlp is not None
+    with_head = analytic_gmacs(model)
+    measured = count_gmacs(model, torch.randn(1, 3, 224, 224)).gmacs
+    assert with_head == pytest.approx(measured, rel=1e-9)
+    d, n = 384, 196
+    head = n * 2 * d * d + (d * d + d * d + 2 * d * 1536 + 5 * d) + 2 * n * d  # kv; q, proj, MLP, norm; core
+    assert _attention_pool_macs(pool, n) == head
 
 
 class _ExtraMatmuls(nn.Module):

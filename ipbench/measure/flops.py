@@ -269,19 +269,34 @@ def _patch_embed_macs(model: nn.Module, num_patches: int) -> int:
     return num_patches * per_patch
 
 
+def _attention_pool_macs(pool: nn.Module, n_tokens: int) -> int:
+    """An attention-pool head (timm's AttentionPoolLatent, SigLIP's MAP): keys and values of the
+    n_tokens it pools, its latent queries' projections, attention core and MLP."""
+    latents = int(pool.latent_len)
+    per_token = _linear_macs(pool.kv) + _layer_norm_ops(pool.k_norm, int(pool.num_heads))
+    per_latent = _linear_macs(pool) - _linear_macs(pool.kv) + _layer_norm_ops(pool.q_norm, int(pool.num_heads))
+    per_latent += sum(_layer_norm_ops(m) for m in (pool.norm, *(pool.mlp.modules() if pool.mlp else ())))
+    core = 2 * latents * n_tokens * int(pool.num_heads) * int(pool.head_dim)
+    return n_tokens * per_token + latents * per_latent + core
+
+
 def _head_macs(model: nn.Module, final_tokens: int) -> int:
     """Final norm at the last block's tokens, then each classifier head on one pooled vector.
 
     'token' pooling gives each head its own prefix token (cls; dist for distilled models),
-    avg/max pooling one vector per image; either way every head reads one vector per image.
+    avg/max pooling one vector per image, an attention-pool head its latent queries over the
+    final tokens (prefix tokens left out unless the model pools them); every head then reads one
+    vector per image.
     """
-    if getattr(model, "global_pool", "token") == "map" or getattr(model, "attn_pool", None):
-        raise ValueError("analytic_gmacs does not support attention-pooling (MAP) heads")
     heads = [model.head]
     if getattr(model, "head_dist", None) is not None:
         heads.append(model.head_dist)
     fc_norm = getattr(model, "fc_norm", nn.Identity())
     macs = final_tokens * _layer_norm_ops(model.norm)
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None:
+        prefix = 0 if getattr(model, "pool_include_prefix", False) else int(model.num_prefix_tokens)
+        macs += _attention_pool_macs(pool, final_tokens - prefix)
     return macs + sum(_linear_macs(head) + _layer_norm_ops(fc_norm) for head in heads)
 
 

@@ -24,6 +24,7 @@ from ipbench.reducers.engine import (
     apply_reducer,
     check_fits,
     is_patched,
+    reducible,
     remove_reducer,
     set_tracing,
     token_plan,
@@ -34,6 +35,6 @@ from ipbench.reducers.spec import REGISTRY, list_reducers, parse_spec, parse_spe
 
 __all__ = [
     "KEEP_RATE", "REGISTRY", "Evidence", "Knob", "Param", "Policy", "TokenPlan", "TokenState", "apply_reducer",
-    "check_fits", "is_patched", "list_reducers", "parse_spec", "parse_specs", "register", "remove_reducer",
+    "check_fits", "is_patched", "list_reducers", "parse_spec", "parse_specs", "reducible", "register", "remove_reducer",
     "set_tracing", "short_label", "split_specs", "token_plan",
 ]

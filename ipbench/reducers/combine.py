@@ -103,7 +103,7 @@ class Combination(Policy):
             p.in_combination(parts[:i] + parts[i + 1:])
         self._parts = parts
         self.name = "+".join(names)  # type: ignore[misc]
-        self.params: dict[str, Any] = {p.name: p.params for p in parts}
+        self.params: dict[str, Any] = {p.name: p.shown_params() for p in parts}
         self.given: dict[str, Any] = {p.name: p.given for p in parts}
         self._text: str | None = None
         self.needs = frozenset().union(*(p.needs for p in parts))  # type: ignore[misc]
@@ -160,6 +160,13 @@ class Combination(Policy):
     @property
     def needs_pos(self) -> bool:
         return any(p.needs_pos for p in self.parts)
+
+    def importance(self, has_cls_token: bool) -> str | None:
+        modes = sorted({m for m in (p.importance(has_cls_token) for p in self.parts) if m is not None})
+        if len(modes) > 1:
+            raise UserError(f"{self.name}: its parts rank tokens by {' and '.join(modes)} attention; the "
+                            "evidence is read once per block, so give them the same importance=")
+        return modes[0] if modes else None
 
     @property
     def prop_attn(self) -> bool:

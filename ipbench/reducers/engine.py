@@ -13,6 +13,7 @@ unchanged, so `none` is timm bit for bit and costs nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,23 @@ import torch
 from torch import Tensor, nn
 
 from ipbench.errors import UserError
-from ipbench.reducers.evidence import QKV_NEEDS, Evidence, attention_with_evidence, qkv_evidence
+from ipbench.reducers.evidence import (
+    QKV_NEEDS,
+    Evidence,
+    attention_with_evidence,
+    qkv_evidence,
+    received_attention,
+)
+from ipbench.reducers.families import (
+    POSITIONAL,
+    beit_attention,
+    eva_attention,
+    family_of,
+    gather_rope,
+    has_class_token,
+    rel_pos_bias,
+    size_weighted_pool,
+)
 from ipbench.reducers.tokens import TokenState
 
 if TYPE_CHECKING:
@@ -36,6 +53,8 @@ class EngineState:
     grid: tuple[int, int]
     depth: int
     tracing: bool = False
+    family: str = "vit"  # FAMILIES: which block code runs a block's attention
+    importance: str | None = None  # 'cls' or 'received': how the policy's importance is read
     tokens: TokenState | None = None
     last_counts: list[int] = field(default_factory=list)
     last_image_counts: Tensor | None = None  # [B, depth] real tokens after each block, adaptive policies only
@@ -44,53 +63,115 @@ class EngineState:
 
 
 _TRACE_NEEDS = frozenset({"cls_attn", "keys"})
+Attend = Callable[[Tensor, "Tensor | None", frozenset, TokenState], tuple[Tensor, Evidence]]
+
+
+def _scaled(gamma: Tensor | None, t: Tensor) -> Tensor:
+    """EVA's and BEiT's LayerScale: a bare gamma parameter, or none."""
+    return t if gamma is None else gamma * t
+
+
+def _run_block(block: nn.Module, x: Tensor, attend: Attend, plain: Callable[[Tensor], Tensor],
+               ls1: Callable[[Tensor], Tensor], ls2: Callable[[Tensor], Tensor]) -> Tensor:
+    """One patched block of any family: attention (with its evidence), the policy's reduction,
+    then the MLP. A block where nothing is reduced, biased, traced or moved runs timm's own code."""
+    eng: EngineState = block._ipb
+    layer = block._ipb_layer
+    st = eng.tokens
+    if st is None or layer == 0:
+        st = eng.tokens = TokenState(x, eng.n_prefix, eng.grid, eng.policy.needs_pos, eng.tracing,
+                                     eng.policy.prop_attn, want_anchor=eng.family in POSITIONAL)
+    st.layer = layer
+    active = eng.policy.acts_at(layer)
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
+        else x.dtype
+    bias = st.attn_bias(dtype)
+    tracing = st.trace is not None
+    if not active and bias is None and not tracing and not st.moved:
+        x = plain(x)
+        st.count(x)
+        return x
+
+    # Tracing reads the evidence of every block (same ops, so outputs are unchanged).
+    needs = (eng.policy.needs if active else frozenset()) | (_TRACE_NEEDS if tracing else frozenset())
+    received = eng.importance == "received" and "cls_attn" in needs
+    if received:  # read from the attention matrix itself: timm's unfused path, nothing computed twice
+        needs = (needs - {"cls_attn"}) | {"attn"}
+    a, ev = attend(block.norm1(x), bias, needs, st)
+    if received:
+        ev.cls_attn = received_attention(ev.attn, st.n_prefix, st.valid)
+    x = x + block.drop_path1(ls1(a))
+    if tracing:
+        st.record(op="attn", n_prefix=st.n_prefix, grid=st.grid, cls_attn=ev.cls_attn,
+                  size=st.size, source=st.source, pos=st.pos)
+    if active:
+        x = eng.policy.reduce(layer, x, ev, st)
+        st.moved = True
+    x = x + block.drop_path2(ls2(block.mlp(block.norm2(x))))
+    st.count(x)
+    if tracing:
+        st.record(op="out", n_prefix=st.n_prefix, grid=st.grid, size=st.size, source=st.source,
+                  pos=st.pos)
+    return x
+
+
+def _vit_attend(block: nn.Module, xn: Tensor, bias: Tensor | None, needs: frozenset,
+                st: TokenState) -> tuple[Tensor, Evidence]:
+    """timm's own attention module (SDPA kept); the evidence read from its qkv projection."""
+    a, captured, matrix = attention_with_evidence(block.attn, xn, bias, bool(needs & QKV_NEEDS), "attn" in needs)
+    ev = qkv_evidence(block.attn, captured[0], bias, needs) if captured else Evidence()
+    ev.attn = matrix
+    captured.clear()  # the block's qkv [B, N, 3C] must not stay alive through the MLP (peak memory)
+    return a, ev
 
 
 class _PatchedBlock:
-    """Mixed into timm's Block class by `apply_reducer`."""
+    """Mixed into timm's VisionTransformer Block class by `apply_reducer`."""
 
     _ipb: EngineState
     _ipb_layer: int
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        eng = self._ipb
-        st = eng.tokens
-        if st is None or self._ipb_layer == 0:
-            st = eng.tokens = TokenState(x, eng.n_prefix, eng.grid, eng.policy.needs_pos,
-                                         eng.tracing, eng.policy.prop_attn)
-        layer = self._ipb_layer
-        st.layer = layer
-        active = eng.policy.acts_at(layer)
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
-            else x.dtype
-        bias = st.attn_bias(dtype)
         if attn_mask is not None or is_causal:
             raise UserError("ipbench's reducers do not support attention masks or causal attention")
-        tracing = st.trace is not None
-        if not active and bias is None and not tracing:
-            x = super().forward(x)  # type: ignore[misc]
-            st.count(x)
-            return x
+        base = super()
+        return _run_block(self, x, lambda xn, bias, needs, st: _vit_attend(self, xn, bias, needs, st),
+                          base.forward, self.ls1, self.ls2)
 
-        # Tracing reads the evidence of every block (same ops, so outputs are unchanged).
-        needs = (eng.policy.needs if active else frozenset()) | (_TRACE_NEEDS if tracing else frozenset())
-        a, captured, matrix = attention_with_evidence(self.attn, self.norm1(x), bias, bool(needs & QKV_NEEDS),
-                                                      "attn" in needs)
-        x = x + self.drop_path1(self.ls1(a))
-        ev = qkv_evidence(self.attn, captured[0], bias, needs) if captured else Evidence()
-        ev.attn = matrix
-        captured.clear()  # the block's qkv [B, N, 3C] must not stay alive through the MLP (peak memory)
-        if tracing:
-            st.record(op="attn", n_prefix=st.n_prefix, grid=st.grid, cls_attn=ev.cls_attn,
-                      size=st.size, source=st.source, pos=st.pos)
-        if active:
-            x = eng.policy.reduce(layer, x, ev, st)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        st.count(x)
-        if tracing:
-            st.record(op="out", n_prefix=st.n_prefix, grid=st.grid, size=st.size, source=st.source,
-                      pos=st.pos)
-        return x
+
+class _PatchedEvaBlock:
+    """Mixed into timm's EvaBlock: the rotary table gathered for the tokens that remain."""
+
+    _ipb: EngineState
+    _ipb_layer: int
+
+    def forward(self, x: Tensor, rope: Tensor | None = None, attn_mask: Tensor | None = None,
+                is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise UserError("ipbench's reducers do not support attention masks or causal attention")
+        base = super()
+
+        def attend(xn: Tensor, bias: Tensor | None, needs: frozenset, st: TokenState) -> tuple[Tensor, Evidence]:
+            return eva_attention(self.attn, xn, gather_rope(rope, st), bias, needs)
+
+        return _run_block(self, x, attend, lambda t: base.forward(t, rope=rope),
+                          lambda t: _scaled(self.gamma_1, t), lambda t: _scaled(self.gamma_2, t))
+
+
+class _PatchedBeitBlock:
+    """Mixed into timm's BEiT Block: the relative position bias gathered for the tokens that remain."""
+
+    _ipb: EngineState
+    _ipb_layer: int
+
+    def forward(self, x: Tensor, shared_rel_pos_bias: Tensor | None = None) -> Tensor:
+        base = super()
+
+        def attend(xn: Tensor, bias: Tensor | None, needs: frozenset, st: TokenState) -> tuple[Tensor, Evidence]:
+            return beit_attention(self.attn, xn, rel_pos_bias(self.attn, shared_rel_pos_bias, st), bias, needs)
+
+        return _run_block(self, x, attend, lambda t: base.forward(t, shared_rel_pos_bias=shared_rel_pos_bias),
+                          lambda t: _scaled(self.gamma_1, t), lambda t: _scaled(self.gamma_2, t))
 
 
 def _image_counts(st: TokenState) -> Tensor | None:
@@ -122,23 +203,35 @@ class _PatchedModel:
             eng.tokens = None
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
-        pool_type = self.global_pool if pool_type is None else pool_type
+        """VisionTransformer's and Eva's pooling, seeing token sizes: average pooling size-weighted
+        (padding left out), an attention-pool head (SigLIP's MAP) given the blocks' own bias."""
         st = self._ipb.tokens
-        if pool_type in ("avg", "avgmax") and st is not None and (st.size is not None or st.valid is not None) \
-                and self.attn_pool is None and not self.pool_include_prefix:
-            p = self.num_prefix_tokens
-            tok, w = x[:, p:], st.sizes(x)[:, p:].to(x.dtype)
-            real = st.valid[:, p:].unsqueeze(-1) if st.valid is not None else None
-            if real is not None:
-                w = w * real.to(x.dtype)
-            avg = (tok * w).sum(dim=1) / w.sum(dim=1)
-            if pool_type == "avg":
-                return avg
-            return 0.5 * ((tok if real is None else tok.masked_fill(~real, float("-inf"))).amax(dim=1) + avg)
-        return super().pool(x, pool_type)  # type: ignore[misc]
+        include_prefix = getattr(self, "pool_include_prefix", False)
+        if st is not None and getattr(self, "attn_pool", None) is not None:
+            bias = st.attn_bias(x.dtype)
+            if bias is not None:
+                if not include_prefix:
+                    x, bias = x[:, self.num_prefix_tokens:], bias[..., self.num_prefix_tokens:]
+                return self.attn_pool(x, attn_mask=bias)
+        pooled = size_weighted_pool(x, st, self.global_pool if pool_type is None else pool_type,
+                                    self.num_prefix_tokens, include_prefix or self.attn_pool is not None)
+        return pooled if pooled is not None else super().pool(x, pool_type)  # type: ignore[misc]
+
+
+class _PatchedBeitModel(_PatchedModel):
+    """Mixed into timm's Beit, whose head pools inline (mean of the patch tokens)."""
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        pooled = size_weighted_pool(x, self._ipb.tokens, self.global_pool, self.num_prefix_tokens, False)
+        if pooled is None:
+            return super().forward_head(x, pre_logits)  # type: ignore[misc]
+        x = self.head_drop(self.fc_norm(pooled))
+        return x if pre_logits else self.head(x)
 
 
 _PATCHED_CLASSES: dict[tuple[type, type], type] = {}
+_BLOCK_MIXINS = {"vit": _PatchedBlock, "eva": _PatchedEvaBlock, "beit": _PatchedBeitBlock}
+_MODEL_MIXINS = {"vit": _PatchedModel, "eva": _PatchedModel, "beit": _PatchedBeitModel}
 
 
 def _patched_class(base: type, mixin: type) -> type:
@@ -148,33 +241,24 @@ def _patched_class(base: type, mixin: type) -> type:
     return _PATCHED_CLASSES[key]
 
 
-def _check_vit(model: nn.Module) -> None:
-    from timm.models.vision_transformer import Block, VisionTransformer
-
-    if not isinstance(model, VisionTransformer):
-        raise UserError(f"{type(model).__name__} is not a timm VisionTransformer; token reducers "
-                        "need a ViT-like model (deit_*, vit_*, deit3_*)")
-    bad = {type(b).__name__ for b in model.blocks if not isinstance(b, Block)}
-    if bad:
-        raise UserError(f"unsupported block type(s) {', '.join(sorted(bad))}; token reducers "
-                        "need timm's Block (pre-norm attention + MLP)")
-    for b in model.blocks:
-        if not hasattr(b.attn, "qkv"):
-            raise UserError(f"attention {type(b.attn).__name__} has no fused qkv projection; "
-                            "not supported")
-
-
 def check_fits(model: nn.Module, policy: Policy) -> None:
-    """A one-line UserError unless `policy` can run on `model` (a timm ViT, and a class token
-    whose attention the head reads, for a policy that ranks tokens by class-token attention)."""
-    _check_vit(model)
-    if "cls_attn" in policy.needs:
-        pool = getattr(model, "global_pool", "token")
-        if getattr(model, "cls_token", None) is None or pool != "token":
-            why = "has no class token" if getattr(model, "cls_token", None) is None else \
-                f"pools its output with global_pool={pool!r}, not the class token"
-            raise UserError(f"{policy.name} ranks tokens by class-token attention, but this model {why}; "
-                            "use a reducer that needs no class token (tome) or a model with one")
+    """A one-line UserError unless `policy` can run on `model`: a supported ViT family (FAMILIES),
+    and a class token where the policy ranks by class-token attention."""
+    family_of(model)
+    mode = policy.importance(has_class_token(model))
+    if mode == "cls" and not has_class_token(model):
+        raise UserError(f"{policy.name} ranks tokens by class-token attention (importance=cls), but this "
+                        "model has no class token; use importance=received (the default there: the "
+                        "attention each token receives) or a reducer that needs no importance (tome)")
+
+
+def reducible(model: nn.Module) -> bool:
+    """Whether token reduction and token plans apply: a ViT of a supported family (FAMILIES)."""
+    try:
+        family_of(model)
+    except UserError:
+        return False
+    return True
 
 
 def _n_tokens(model: nn.Module) -> int:
@@ -202,17 +286,18 @@ def apply_reducer(model: nn.Module, policy: Policy, tracing: bool = False) -> nn
     """Patch a timm ViT in place so that `policy` reduces its tokens; returns the model."""
     check_fits(model, policy)
     remove_reducer(model)
+    family = family_of(model)
     policy.prepare(model)
     depth = len(model.blocks)
     policy.observe(model)
     policy.bind(depth, _n_tokens(model), model.num_prefix_tokens)
     grid = tuple(model.patch_embed.grid_size)
     eng = EngineState(policy=policy, n_prefix=model.num_prefix_tokens, grid=grid, depth=depth,
-                      tracing=tracing)
+                      tracing=tracing, family=family, importance=policy.importance(has_class_token(model)))
     for i, b in enumerate(model.blocks):
-        b.__class__ = _patched_class(type(b), _PatchedBlock)
+        b.__class__ = _patched_class(type(b), _BLOCK_MIXINS[family])
         b._ipb, b._ipb_layer = eng, i
-    model.__class__ = _patched_class(type(model), _PatchedModel)
+    model.__class__ = _patched_class(type(model), _MODEL_MIXINS[family])
     model._ipb = eng
     return model
 
@@ -248,16 +333,21 @@ def token_plan(model: nn.Module, policy: Policy | None = None) -> TokenPlan:
     n = _n_tokens(model)
     if policy is None:
         policy = model._ipb.policy if is_patched(model) else None
+    received = False
     if policy is not None:
         policy.observe(model)
         policy.bind(depth, n, n_prefix)
+        received = policy.importance(has_class_token(model)) == "received"
     attn, mlp, extra = [], [], []
     for layer, block in enumerate(model.blocks):
         attn.append(n)
         macs = 0
         if policy is not None and policy.acts_at(layer):
-            macs = policy.extra_macs(layer, n, n_prefix, block.attn.num_heads, block.attn.head_dim,
+            heads = block.attn.num_heads
+            macs = policy.extra_macs(layer, n, n_prefix, heads, block.attn.proj.in_features // heads,
                                      model.embed_dim)
+            if received:  # the mean over queries of every head's attention matrix: one add per entry
+                macs += heads * n * n
             n = policy.tokens_after(layer, n, n_prefix)
         mlp.append(n)
         extra.append(macs)

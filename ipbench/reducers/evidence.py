@@ -19,7 +19,8 @@ QKV_NEEDS = frozenset({"cls_attn", "keys", "vnorm"})  # the evidence read from t
 class Evidence:
     """What a block's attention tells the policy about its tokens."""
 
-    cls_attn: Tensor | None = None  # [B, N] CLS attention row, head mean, sums to 1
+    cls_attn: Tensor | None = None  # [B, N] CLS attention row, head mean, sums to 1 (or, with
+    # importance=received, the mean attention each token receives: the same role, another rule)
     keys: Tensor | None = None  # [B, N, Dh] keys averaged over heads
     vnorm: Tensor | None = None  # [B, N] L2 norm of each token's value vector, all heads concatenated
     attn: Tensor | None = None  # [B, H, N, N] the whole attention matrix, post-softmax, per head
@@ -30,18 +31,37 @@ def qkv_evidence(attn: nn.Module, qkv: Tensor, bias: Tensor | None, needs: froze
     bsz, n, _ = qkv.shape
     qkv = qkv.reshape(bsz, n, 3, attn.num_heads, attn.head_dim)
     k = attn.k_norm(qkv[:, :, 1])  # [B, N, H, Dh]
+    q0 = attn.q_norm(qkv[:, 0, 0]) if "cls_attn" in needs else None  # [B, H, Dh]
+    return token_evidence(q0, k, qkv[:, :, 2], attn.scale, bias, needs)
+
+
+def token_evidence(q0: Tensor | None, k: Tensor, v: Tensor, scale: float, bias: Tensor | None,
+                   needs: frozenset[str]) -> Evidence:
+    """The evidence from the first query q0 [B, H, Dh] and the keys and values [B, N, H, Dh] exactly
+    as the attention used them (after q/k norms and, for EVA, the rotary embedding)."""
+    bsz, n = k.shape[:2]
     ev = Evidence()
     if "keys" in needs:
         ev.keys = k.mean(dim=2)
     if "vnorm" in needs:
-        ev.vnorm = qkv[:, :, 2].reshape(bsz, n, -1).norm(dim=-1)
+        ev.vnorm = v.reshape(bsz, n, -1).norm(dim=-1)
     if "cls_attn" in needs:
-        q0 = attn.q_norm(qkv[:, 0, 0])  # [B, H, Dh]
-        logits = torch.einsum("bhd,bnhd->bhn", q0, k) * attn.scale
+        assert q0 is not None
+        logits = torch.einsum("bhd,bnhd->bhn", q0, k) * scale
         if bias is not None:
-            logits = logits + bias[:, 0]
-        ev.cls_attn = logits.float().softmax(dim=-1).mean(dim=1).to(qkv.dtype)
+            logits = logits + bias[:, :, 0]
+        ev.cls_attn = logits.float().softmax(dim=-1).mean(dim=1).to(k.dtype)
     return ev
+
+
+def received_attention(matrix: Tensor, n_prefix: int, valid: Tensor | None = None) -> Tensor:
+    """[B, N] the mean attention each token receives, over every head and every patch query
+    (prefix tokens do not vote; nor does padding). Rows of the matrix sum to 1, so this does too."""
+    per_query = matrix.float().mean(dim=1)[:, n_prefix:]  # [B, Nq, N]
+    if valid is None:
+        return per_query.mean(dim=1).to(matrix.dtype)
+    w = valid[:, n_prefix:].to(per_query.dtype).unsqueeze(-1)
+    return ((per_query * w).sum(dim=1) / w.sum(dim=1)).to(matrix.dtype)
 
 
 def attention_with_evidence(attn: nn.Module, x: Tensor, bias: Tensor | None, qkv: bool,

@@ -35,6 +35,9 @@ class Param:
     help: str
     choices: tuple[str, ...] = ()
     minimum: float | None = None
+    # Left out of the canonical spec (and the CSV's reducer_params) while at its default: a
+    # parameter added later whose default keeps every earlier row's identity (`importance=auto`).
+    implicit: bool = False
 
     def parse(self, reducer: str, raw: str) -> Any:
         """Parse a spec-string value; UserError names the parameter and what is valid."""
@@ -90,6 +93,14 @@ def format_value(v: Any) -> str:
     return str(v)
 
 
+IMPORTANCE = Param(
+    "importance", "choice", "auto",
+    "what ranks tokens: cls = the class token's attention row (the paper's rule); received = the mean "
+    "attention each token receives over every patch query and head (VisionZip's and VisPruner's rule "
+    "for models without a class token; its H·N² sum is in the GMACs); auto = cls where the model has "
+    "a class token, received where not", choices=("auto", "cls", "received"), implicit=True)
+
+
 class Policy:
     """Base class of every reducer policy."""
 
@@ -112,6 +123,13 @@ class Policy:
     # Said beside every table that shows this reducer (METHODS.md: training-free numbers and
     # re-implementations are labelled as such in every output); "" for nothing to say.
     note: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A policy that ranks by class-token attention also takes `importance` (models without a
+        class token rank by the attention each token receives instead)."""
+        super().__init_subclass__(**kwargs)
+        if "cls_attn" in cls.needs and all(p.name != IMPORTANCE.name for p in cls.PARAMS):
+            cls.PARAMS = (*cls.PARAMS, IMPORTANCE)
 
     def __init__(self, **params: Any) -> None:
         known = {p.name: p for p in self.PARAMS}
@@ -158,6 +176,14 @@ class Policy:
     def acts_at(self, layer: int) -> bool:
         return False
 
+    def importance(self, has_cls_token: bool) -> str | None:
+        """'cls' or 'received': how this policy's token importance is read on a model with (or
+        without) a class token; None for a policy that needs no importance."""
+        if "cls_attn" not in self.needs:
+            return None
+        chosen = self.params.get(IMPORTANCE.name, "cls")
+        return ("cls" if has_cls_token else "received") if chosen == "auto" else chosen
+
     def tokens_after(self, layer: int, n: int, n_prefix: int) -> int:
         """Static plan: tokens left after this block's reduction, from the count before."""
         return n
@@ -194,12 +220,19 @@ class Policy:
         return self.with_params(**{knob.param: value})
 
     # -- shared helpers -----------------------------------------------------------------
+    def shown_params(self) -> dict[str, Any]:
+        """The parameters that identify this policy: all of them, but an implicit one at its default."""
+        implicit = {p.name: p.default for p in self.PARAMS if p.implicit}
+        return {k: v for k, v in self.params.items() if k not in implicit or implicit[k] != v}
+
     @property
     def spec(self) -> str:
-        """Canonical spec string with every parameter, defaults included."""
-        if not self.params:
+        """Canonical spec string with every parameter, defaults included (an implicit one only
+        where it is set)."""
+        shown = self.shown_params()
+        if not shown:
             return self.name
-        return self.name + ":" + ",".join(f"{k}={format_value(v)}" for k, v in self.params.items())
+        return self.name + ":" + ",".join(f"{k}={format_value(v)}" for k, v in shown.items())
 
     @property
     def text(self) -> str:
@@ -212,7 +245,7 @@ class Policy:
 
     def params_json(self) -> str:
         """The parameters as compact JSON with sorted keys (the CSV's reducer_params)."""
-        return json.dumps(self.params, sort_keys=True, separators=(",", ":"))
+        return json.dumps(self.shown_params(), sort_keys=True, separators=(",", ":"))
 
     def label(self, drop_knob: bool = False) -> str:
         """Short label for tables and plots (see `ipbench.reducers.spec.short_label`)."""

@@ -22,10 +22,14 @@ class TokenState:
     pos:    [B, N, 2] size-weighted patch centroid (row, col); only when a policy or the
             trace needs positions. Prefix tokens sit at (-1, -1).
     source: [B, N, P] which of the P patches each token contains; only when tracing.
+    anchor: [B, N] the input position (0 .. N0−1, prefix included) whose position embedding a token
+            carries: its own while kept, the destination's when merged, the heaviest member's for
+            a fused token; only for a model whose attention is position-dependent (EVA's rotary
+            table, BEiT's relative position bias), which the engine then gathers by it.
     """
 
     def __init__(self, x: Tensor, n_prefix: int, grid: tuple[int, int], want_pos: bool,
-                 tracing: bool, prop_attn: bool) -> None:
+                 tracing: bool, prop_attn: bool, want_anchor: bool = False) -> None:
         bsz, n, _ = x.shape
         self.n_prefix = n_prefix
         self.grid = grid
@@ -40,6 +44,10 @@ class TokenState:
         self.image_counts: list[Tensor | None] = []  # per block: real tokens per image, None if all
         self.trace: list[dict[str, Any]] | None = [] if tracing else None
         self.layer = -1
+        self.n_in = n
+        self.moved = False  # set once a policy has reduced (or reordered) the tokens
+        self.anchor: Tensor | None = (torch.arange(n, device=x.device).expand(bsz, -1)
+                                      if want_anchor else None)
         n_patches = n - n_prefix
         if want_pos or tracing:
             idx = torch.arange(n_patches, device=x.device)
@@ -83,6 +91,8 @@ class TokenState:
             self.pos = gather_tokens(self.pos, idx)
         if self.source is not None:
             self.source = gather_tokens(self.source, idx) * valid.unsqueeze(-1).to(x.dtype)
+        if self.anchor is not None:
+            self.anchor = self.anchor.gather(1, idx)
         self.valid = valid
         return out
 
@@ -102,6 +112,8 @@ class TokenState:
             self.pos = merge_weighted(self.pos, w, plan, size)
         if self.source is not None:
             self.source = merge_sum(self.source, plan)
+        if self.anchor is not None:
+            self.anchor = self.anchor.gather(1, plan.keep)  # a destination keeps its own position
         self.size = size if size_scale is None else merge_sum(w * size_scale, plan)
         return x
 
@@ -113,10 +125,10 @@ class TokenState:
         Both run on the whole batch and the rows are then picked: a branch only gathers and
         averages tokens, so running both costs no matrix product beyond its matching.
         """
-        before = (self.size, self.pos, self.source)
+        before = (self.size, self.pos, self.source, self.anchor)
         xa = first(x)
-        size_a, pos_a, source_a = self.size, self.pos, self.source
-        self.size, self.pos, self.source = before
+        size_a, pos_a, source_a, anchor_a = self.size, self.pos, self.source, self.anchor
+        self.size, self.pos, self.source, self.anchor = before
         xb = second(x)
         pick = which.view(-1, 1, 1)
         if size_a is not None or self.size is not None:
@@ -126,6 +138,8 @@ class TokenState:
             self.pos = torch.where(pick, pos_a, self.pos)
         if self.source is not None:
             self.source = torch.where(pick, source_a, self.source)
+        if self.anchor is not None:
+            self.anchor = torch.where(which.view(-1, 1), anchor_a, self.anchor)
         return torch.where(pick, xa, xb)
 
     def keep(self, x: Tensor, idx: Tensor, fuse: Tensor | None = None,
@@ -142,6 +156,7 @@ class TokenState:
         new_size = gather_tokens(w, idx) if w is not None else None
         new_pos = gather_tokens(self.pos, idx) if self.pos is not None else None
         new_src = gather_tokens(self.source, idx) if self.source is not None else None
+        new_anchor = self.anchor.gather(1, idx) if self.anchor is not None else None
         if fuse is not None:
             assert w is not None and weight is not None
             out = torch.cat([out, fuse_tokens(x, weight, fuse)], dim=1)
@@ -153,9 +168,12 @@ class TokenState:
                 new_pos = torch.cat([new_pos, centroid], dim=1)
             if new_src is not None:
                 new_src = torch.cat([new_src, gather_tokens(self.source, fuse).sum(1, keepdim=True)], 1)
+            if new_anchor is not None:  # the fused token sits where its heaviest member did
+                heaviest = weight.gather(1, fuse).argmax(dim=1, keepdim=True)
+                new_anchor = torch.cat([new_anchor, self.anchor.gather(1, fuse.gather(1, heaviest))], 1)
             if self.size is None and fused_size == "one":
                 new_size = None  # still every token one patch: keep the cheap path
-        self.size, self.pos, self.source = new_size, new_pos, new_src
+        self.size, self.pos, self.source, self.anchor = new_size, new_pos, new_src, new_anchor
         return out
 
     def record(self, **entry: Any) -> None:

@@ -20,7 +20,16 @@ from torch import Tensor, nn
 
 from ipbench.errors import UserError
 from ipbench.measure.flops import analytic_gmacs
-from ipbench.reducers import Policy, TokenPlan, apply_reducer, check_fits, parse_spec, remove_reducer, token_plan
+from ipbench.reducers import (
+    Policy,
+    TokenPlan,
+    apply_reducer,
+    check_fits,
+    parse_spec,
+    reducible,
+    remove_reducer,
+    token_plan,
+)
 from ipbench.reducers.knobs import DEFAULT_TOLERANCE, KEEP_RATE, Knob, MergeCount
 
 BASELINE = "none"
@@ -85,10 +94,8 @@ class Costs:
 
 
 def is_vit(model: nn.Module) -> bool:
-    """Whether token reduction and token plans apply (a timm VisionTransformer)."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    return isinstance(model, VisionTransformer)
+    """Whether token reduction and token plans apply (a timm ViT of a family the engine reduces)."""
+    return reducible(model)
 
 
 @dataclass

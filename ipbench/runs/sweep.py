@@ -91,8 +91,9 @@ def run_sweep(spec: RunSpec, req: SweepRequest, out: Path, progress: Progress | 
     csv_path = results.prepare_csv(out, "sweep", results.SWEEP_COLUMNS)
     ctx = open_run(spec)
     if not is_vit(ctx.net):
-        raise UserError(f"{ctx.model} is a {type(ctx.net).__name__}, not a timm VisionTransformer: the sweep compares "
-                        "token reducers on a ViT (use ipbench eval for this model's accuracy)")
+        raise UserError(f"{ctx.model} is a {type(ctx.net).__name__}, not a ViT family ipbench reduces "
+                        "(timm VisionTransformer, Eva, Beit): the sweep compares token reducers on a ViT "
+                        "(use ipbench eval for this model's accuracy)")
     ctx.check_labels()
     policies = [p for p in req.policies if p.name != BASELINE]
     adaptive = any(p.adaptive for p in policies)

@@ -96,8 +96,9 @@ def load(spec: RunSpec, what: str, progress: Progress | None = None, accuracy: b
     progress = progress or Silent()
     ctx = open_run(spec)
     if not is_vit(ctx.net):
-        raise UserError(f"{ctx.model} is a {type(ctx.net).__name__}, not a timm VisionTransformer: {what} measures "
-                        "token reducers on a ViT (use ipbench eval for this model's accuracy)")
+        raise UserError(f"{ctx.model} is a {type(ctx.net).__name__}, not a ViT family ipbench reduces "
+                        f"(timm VisionTransformer, Eva, Beit): {what} measures token reducers on a ViT "
+                        "(use ipbench eval for this model's accuracy)")
     if accuracy and not ctx.source.has_labels:
         raise UserError(f"{what} measures accuracy: it needs labelled images (an ImageNet-style folder, a "
                         "file,label CSV or tar shards), not synthetic data")
