@@ -241,15 +241,16 @@ def _patched_class(base: type, mixin: type) -> type:
     return _PATCHED_CLASSES[key]
 
 
-def check_fits(model: nn.Module, policy: Policy) -> None:
-    """A one-line UserError unless `policy` can run on `model`: a supported ViT family (FAMILIES),
-    and a class token where the policy ranks by class-token attention."""
-    family_of(model)
+def check_fits(model: nn.Module, policy: Policy) -> str:
+    """The model's family; a one-line UserError unless `policy` can run on `model`: a supported ViT
+    family (FAMILIES), and a class token where the policy ranks by class-token attention."""
+    family = family_of(model)
     mode = policy.importance(has_class_token(model))
     if mode == "cls" and not has_class_token(model):
         raise UserError(f"{policy.name} ranks tokens by class-token attention (importance=cls), but this "
                         "model has no class token; use importance=received (the default there: the "
                         "attention each token receives) or a reducer that needs no importance (tome)")
+    return family
 
 
 def reducible(model: nn.Module) -> bool:
@@ -284,9 +285,8 @@ def remove_reducer(model: nn.Module) -> nn.Module:
 
 def apply_reducer(model: nn.Module, policy: Policy, tracing: bool = False) -> nn.Module:
     """Patch a timm ViT in place so that `policy` reduces its tokens; returns the model."""
-    check_fits(model, policy)
+    family = check_fits(model, policy)
     remove_reducer(model)
-    family = family_of(model)
     policy.prepare(model)
     depth = len(model.blocks)
     policy.observe(model)

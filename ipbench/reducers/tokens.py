@@ -44,7 +44,6 @@ class TokenState:
         self.image_counts: list[Tensor | None] = []  # per block: real tokens per image, None if all
         self.trace: list[dict[str, Any]] | None = [] if tracing else None
         self.layer = -1
-        self.n_in = n
         self.moved = False  # set once a policy has reduced (or reordered) the tokens
         self.anchor: Tensor | None = (torch.arange(n, device=x.device).expand(bsz, -1)
                                       if want_anchor else None)

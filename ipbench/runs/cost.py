@@ -18,9 +18,9 @@ from torch import Tensor, nn
 from ipbench import results
 from ipbench.measure.flops import count_gmacs
 from ipbench.measure.throughput import SpeedProtocol, SpeedResult, measure_grouped
-from ipbench.reducers import Policy
+from ipbench.reducers import Policy, reducible
 from ipbench.runs.context import RunContext, RunSpec, open_run
-from ipbench.runs.plan import BASELINE, Config, Costs, Variants, config, is_vit, mean_gmacs
+from ipbench.runs.plan import BASELINE, Config, Costs, Variants, config, mean_gmacs
 from ipbench.runs.progress import Progress, Silent
 
 FLOPS_AGREEMENT = 0.01  # fvcore and the analytic count must agree within 1 %
@@ -123,7 +123,7 @@ class CostOutcome:
 
 
 def _configs(ctx: RunContext, policies: list[Policy]) -> list[Config]:
-    costs = Costs(ctx.net) if is_vit(ctx.net) else None
+    costs = Costs(ctx.net) if reducible(ctx.net) else None
     specs = dict.fromkeys([BASELINE, *(p.spec for p in policies)])
     by_spec = {p.spec: p for p in policies}
     return [config(ctx.net, by_spec.get(s, s), costs) for s in specs]

@@ -93,9 +93,11 @@ class Costs:
         return mean_gmacs(self.model, n_in, rows.tolist())
 
 
-def is_vit(model: nn.Module) -> bool:
-    """Whether token reduction and token plans apply (a timm ViT of a family the engine reduces)."""
-    return reducible(model)
+def require_reducible(name: str, model: nn.Module, why: str) -> None:
+    """A one-line UserError for a command that measures token reducers on a model they cannot run on."""
+    if not reducible(model):
+        raise UserError(f"{name} is a {type(model).__name__}, not a ViT family ipbench reduces "
+                        f"(timm VisionTransformer, Eva, Beit): {why} (use ipbench eval for this model's accuracy)")
 
 
 @dataclass
@@ -134,7 +136,7 @@ class Config:
 def config(model: nn.Module, policy: Policy | str, costs: Costs | None = None, **kw: Any) -> Config:
     """A Config of `policy` on `model` (costs from `costs` when given)."""
     policy = parse_spec(policy) if isinstance(policy, str) else policy
-    if not is_vit(model):
+    if not reducible(model):
         if policy.name != BASELINE:
             check_fits(model, policy)  # the one-line error that names what a reducer needs
         return Config(policy=policy, plan=None, gmacs=None, **kw)

@@ -29,7 +29,6 @@ from typing import Any
 
 from ipbench import results
 from ipbench.data import batched
-from ipbench.errors import UserError
 from ipbench.measure.accuracy import Result
 from ipbench.measure.throughput import SpeedProtocol, SpeedResult
 from ipbench.reducers import Policy
@@ -44,7 +43,7 @@ from ipbench.runs.cost import (
     time_configs,
 )
 from ipbench.runs.loop import Accuracy, Job, Predictions, TokenTally, run_jobs
-from ipbench.runs.plan import BASELINE, Config, Costs, Variants, is_vit, plan_sweep
+from ipbench.runs.plan import BASELINE, Config, Costs, Variants, plan_sweep, require_reducible
 from ipbench.runs.progress import Progress, Silent
 
 DEFAULT_MAX_DECODED_MIB = 2048
@@ -90,10 +89,7 @@ def run_sweep(spec: RunSpec, req: SweepRequest, out: Path, progress: Progress | 
     progress = progress or Silent()
     csv_path = results.prepare_csv(out, "sweep", results.SWEEP_COLUMNS)
     ctx = open_run(spec)
-    if not is_vit(ctx.net):
-        raise UserError(f"{ctx.model} is a {type(ctx.net).__name__}, not a ViT family ipbench reduces "
-                        "(timm VisionTransformer, Eva, Beit): the sweep compares token reducers on a ViT "
-                        "(use ipbench eval for this model's accuracy)")
+    require_reducible(ctx.model, ctx.net, "the sweep compares token reducers on a ViT")
     ctx.check_labels()
     policies = [p for p in req.policies if p.name != BASELINE]
     adaptive = any(p.adaptive for p in policies)

@@ -24,7 +24,7 @@ from ipbench.reducers import Policy
 from ipbench.reducers.trace import Trace, get_trace
 from ipbench.runs.context import RunContext, RunSpec, open_run
 from ipbench.runs.loop import Forward, Job, Merged, Predictions, run_jobs
-from ipbench.runs.plan import BASELINE, Config, config, is_vit, variant
+from ipbench.runs.plan import BASELINE, Config, config, require_reducible, variant
 from ipbench.runs.progress import Progress, Silent
 
 
@@ -95,10 +95,7 @@ def load(spec: RunSpec, what: str, progress: Progress | None = None, accuracy: b
     measures `accuracy` needs labels that index the model's classes (checked before decoding)."""
     progress = progress or Silent()
     ctx = open_run(spec)
-    if not is_vit(ctx.net):
-        raise UserError(f"{ctx.model} is a {type(ctx.net).__name__}, not a ViT family ipbench reduces "
-                        f"(timm VisionTransformer, Eva, Beit): {what} measures token reducers on a ViT "
-                        "(use ipbench eval for this model's accuracy)")
+    require_reducible(ctx.model, ctx.net, f"{what} measures token reducers on a ViT")
     if accuracy and not ctx.source.has_labels:
         raise UserError(f"{what} measures accuracy: it needs labelled images (an ImageNet-style folder, a "
                         "file,label CSV or tar shards), not synthetic data")
