@@ -11,6 +11,7 @@ import hashlib
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -58,15 +59,22 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+Adapt = Callable[[nn.Module, dict[str, torch.Tensor]], None]  # fits a model's modules to a state dict
+
+
 def create_model(name: str, checkpoint: str | None, device: str = "cpu", pretrained: bool = True,
-                 img_size: int | None = None, patch_size: int | None = None, **kwargs: Any) -> nn.Module:
+                 img_size: int | None = None, patch_size: int | None = None, adapt: Adapt | None = None,
+                 **kwargs: Any) -> nn.Module:
     """A timm model in eval mode with weights from `checkpoint`, else timm's (cached) hub download, or
     with `pretrained=False` timm's random initialisation (seeded by torch's global generator).
 
     `img_size` / `patch_size` build the model at another resolution or patch size on the SAME weights:
     the patch embedding and the position embedding are resampled by timm's own functions (FlexiViT's
     pseudo-inverse resize of the kernel, bicubic interpolation of the position grid), and the model's
-    data config then asks for images of `img_size`."""
+    data config then asks for images of `img_size`.
+
+    `adapt(model, state)` may change the model's modules to fit a checkpoint before its strict load
+    (the run floor installs ImagePiece's conv stem for a checkpoint trained with it)."""
     if img_size is not None:
         kwargs["img_size"] = img_size
     if patch_size is not None:
@@ -84,7 +92,7 @@ def create_model(name: str, checkpoint: str | None, device: str = "cpu", pretrai
         )
     if checkpoint is not None:
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
-        load_checkpoint(model, checkpoint, resample=img_size is not None or patch_size is not None)
+        load_checkpoint(model, checkpoint, resample=img_size is not None or patch_size is not None, adapt=adapt)
     elif not pretrained:
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
     else:
@@ -133,7 +141,8 @@ def _first(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, resample: bool = False) -> None:
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, resample: bool = False,
+                    adapt: Adapt | None = None) -> None:
     """Load weights strictly: a silently half-loaded model would give plausible but wrong numbers.
 
     `resample`: the model has another resolution or patch size than the weights; timm's checkpoint
@@ -149,6 +158,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, resample: bool = 
         if filter_fn is None or not hasattr(model, "patch_embed"):
             raise UserError(f"--img-size/--patch-size resample a ViT's embeddings; {type(model).__name__} is not one")
         state = filter_fn(state, model)
+    if adapt is not None:
+        adapt(model, state)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

@@ -40,6 +40,7 @@ from ipbench.schemas import (  # noqa: F401  (the schemas are results' API)
     ATTENTIVENESS_COLUMNS,
     COHERENCE_COLUMNS,
     EVAL_COLUMNS,
+    FINETUNE_COLUMNS,
     IMPORTANCE_COLUMNS,
     ROBUSTNESS_COLUMNS,
     SIMILARITY_COLUMNS,

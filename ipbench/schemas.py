@@ -214,6 +214,42 @@ COHERENCE_COLUMNS: list[str] = [
 ]
 
 
+# Columns of OUT/finetune.csv (ipbench finetune): one row per logged training interval (kind=train),
+# per stem-initialisation interval (kind=stem) and per validation (kind=val).
+FINETUNE_COLUMNS: list[str] = [
+    "timestamp",
+    "config_key",  # the run: model, weights, data, reducer and every recipe setting
+    "kind",  # train | stem | val
+    "epoch",  # 0-based epoch the row belongs to
+    "step",  # optimizer steps done (global, all ranks together); stem rows: the stem fit's step
+    "images_seen",  # training images consumed so far, every rank together
+    "loss",  # train: mean training loss over the interval; stem: relative regression error
+    "lr",  # learning rate after the row's last step
+    "images_per_sec",  # training images per second over the interval, every rank together
+    *ACCURACY_COLUMNS,  # val: the trained model
+    "top1_ema",  # val: the EMA weights (empty without --ema-decay)
+    "top5_ema",
+    "model",
+    "checkpoint",  # the weights it started from
+    "checkpoint_sha256",
+    "weights",
+    "data",  # the training data
+    "val_data",  # the validation data (holdout:N = N images of --data held out)
+    "reducer",
+    "reducer_spec",
+    "reducer_label",
+    "stem",  # patch | conv (ImagePiece's local-coherence stem)
+    "global_batch",
+    "world_size",
+    "device",
+    "device_name",
+    "dtype",
+    "seed",
+    "torch",
+    "timm",
+    "ipbench",
+]
+
 # Columns added to a schema since the first release: a file without some of them (and otherwise
 # the same columns in the same order) was written by an older ipbench and is upgraded, its rows
 # given the values `results.derive_missing` computes from their own cells. Add a new column here.

@@ -5,7 +5,7 @@ function that parses its options and calls one function in `ipbench.runs` (or `i
 torch, timm and pandas are imported inside the commands so that ``ipbench --help`` stays fast.
 """
 
-from ipbench.cli import measure, analyses, outputs, reproduce, info  # noqa: F401, I001  (registers the commands, in --help order)
+from ipbench.cli import measure, train, analyses, outputs, reproduce, info  # noqa: F401, I001  (registers the commands, in --help order)
 from ipbench.cli.app import app
 
 

@@ -236,3 +236,49 @@ def fig_sensitivity(df: pd.DataFrame) -> Figure | None:
     axes[-1].legend(fontsize=8)
     _title(fig, "Sensitivity to patch size and resolution (same weights, embeddings resampled)", df)
     return fig
+
+
+def fig_finetune(df: pd.DataFrame) -> Figure | None:
+    """A fine-tune's curves (`ipbench finetune`): training loss and learning rate against the step,
+    validation top-1 of the weights and their EMA against the epoch, and the conv stem's fit."""
+    train = df[df["kind"] == "train"]
+    if train.empty or not has_values(train, "loss"):
+        return None
+    val = df[df["kind"] == "val"]
+    stem = df[df["kind"] == "stem"]
+    panels = 2 + (not stem.empty)
+    fig, axes = _new(ncols=panels, width=4.8)
+    styler = Styler()
+    labels = df["reducer_label"].astype(str) + df["stem"].map(lambda s: " (conv stem)" if s == "conv" else "")
+    df = df.assign(_label=labels)
+    lr_ax = axes[0].twinx()
+    for _, g in df.groupby("config_key", sort=False):
+        name = str(g["_label"].iloc[0])
+        style = styler(name)
+        t = g[g["kind"] == "train"].sort_values("step")
+        axes[0].plot(numeric(t, "step"), numeric(t, "loss"), label=name, markersize=3, **style)
+        lr_ax.plot(numeric(t, "step"), numeric(t, "lr"), color=style.get("color"), alpha=0.35, linewidth=1)
+        v = g[g["kind"] == "val"].sort_values("step")
+        if not v.empty and has_values(v, "top1"):
+            epochs = numeric(v, "epoch") + 1
+            axes[1].plot(epochs, numeric(v, "top1"), label=f"{name}", markersize=4, **style)
+            if has_values(v, "top1_ema"):
+                axes[1].plot(epochs, numeric(v, "top1_ema"), label=f"{name} EMA", linestyle="--",
+                             color=style.get("color"), marker="x")
+        s = g[g["kind"] == "stem"].sort_values("step")
+        if not s.empty:
+            axes[2].plot(numeric(s, "step"), numeric(s, "loss"), label=name, markersize=3, **style)
+    axes[0].set_xlabel("optimizer step")
+    axes[0].set_ylabel("training loss (interval mean)")
+    lr_ax.set_ylabel("learning rate (faint)")
+    axes[0].legend(fontsize=8)
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylabel("validation top-1 (%)")
+    if not val.empty:
+        axes[1].legend(fontsize=8)
+    if panels == 3:
+        axes[2].set_xlabel("stem fit step")
+        axes[2].set_ylabel("relative error vs the patch projection")
+        axes[2].legend(fontsize=8)
+    _title(fig, "Fine-tuning with the reducer in place", df)
+    return fig

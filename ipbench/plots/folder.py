@@ -15,6 +15,7 @@ from ipbench.plots.analyses import fig_attentiveness, fig_coherence, fig_importa
 from ipbench.plots.figures import (
     fig_accuracy_vs,
     fig_eval_top1,
+    fig_finetune,
     fig_sensitivity,
     fig_speedup_vs_gmacs_ratio,
     fig_tokens_per_layer,
@@ -47,6 +48,7 @@ FIGURES: dict[str, list[tuple[str, FigureMaker, list[str]]]] = {
     "attentiveness": [("per_layer", fig_attentiveness, ["layer", "share_became_attentive"])],
     "coherence": [("locality", fig_coherence, ["locality", "top1"])],
     "sensitivity": [("top1", fig_sensitivity, ["top1", "patch_size", "img_size"])],
+    "finetune": [("curves", fig_finetune, ["step", "loss"])],
 }
 
 

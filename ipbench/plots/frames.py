@@ -27,7 +27,10 @@ ANALYSIS_COLUMNS: dict[str, tuple[str, ...]] = {
     "attentiveness": ("reducer_spec", "layer", "share_became_attentive"),
     "coherence": ("reducer_spec", "locality", "top1"),
 }
-KINDS = (*SWEEP_KINDS, "eval", *ANALYSIS_COLUMNS, "sensitivity")
+KINDS = (*SWEEP_KINDS, "eval", *ANALYSIS_COLUMNS, "sensitivity", "finetune")
+# Kinds whose rows are a series of one run (a fine-tune's curve), not one row per configuration: a row
+# is the same as another when these columns are (a resumed run rewrites the steps after its checkpoint).
+SERIES: dict[str, tuple[str, ...]] = {"finetune": ("config_key", "kind", "step")}
 # Columns that qualify an analysis row beyond its reducer (a setting of the command); they join
 # the row's label where a CSV holds several values of one.
 QUALIFIERS: dict[str, tuple[str, ...]] = {
@@ -115,7 +118,11 @@ def read_folder(folder: str | os.PathLike) -> tuple[list[ResultTable], list[str]
         if df.empty:
             notes.append(f"{path.name}: no rows yet, skipped")
             continue
-        tables.append(ResultTable(kind, path, latest(df, QUALIFIERS.get(kind, ()))))
+        if kind in SERIES:
+            df = df.drop_duplicates(subset=[c for c in SERIES[kind] if c in df.columns], keep="last")
+            tables.append(ResultTable(kind, path, df.reset_index(drop=True)))
+        else:
+            tables.append(ResultTable(kind, path, latest(df, QUALIFIERS.get(kind, ()))))
     tables.sort(key=lambda t: (KINDS.index(t.kind), t.path.name))
     return tables, notes
 

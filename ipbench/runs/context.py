@@ -24,6 +24,7 @@ from ipbench import models
 from ipbench.data import DataSource, decode_all, normalize, open_source
 from ipbench.errors import UserError
 from ipbench.measure.throughput import precision_context, resolve_dtype
+from ipbench.reducers.imagepiece import checkpoint_has_conv_stem, has_conv_stem, install_conv_stem
 from ipbench.runs.progress import Progress
 from ipbench.runs.world import World, join
 
@@ -213,10 +214,20 @@ class RunContext:
         return RANDOM_WEIGHTS_NOTE if self.weights == "random" else None
 
 
-def open_run(spec: RunSpec, source_limit: int | None = None) -> RunContext:
+def fit_checkpoint(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """A checkpoint fine-tuned with ImagePiece's local-coherence conv stem loads into a plain timm ViT:
+    the stem takes the place of the patch projection before the strict load."""
+    if checkpoint_has_conv_stem(state) and not has_conv_stem(model):
+        install_conv_stem(model, state)
+
+
+def open_run(spec: RunSpec, source_limit: int | None = None, shard: bool = True,
+             model_kwargs: dict[str, Any] | None = None) -> RunContext:
     """Resolve a RunSpec: threads, seed, the model with its weights, the data source.
 
     `source_limit` replaces the spec's limit (flops traces a few images, speed one batch).
+    `shard=False` gives every torchrun rank the whole source (training picks each rank's images per
+    step); `model_kwargs` go to timm's create_model (training's drop-path rate).
     """
     check_spec(spec)
     world, device = join(spec.device)
@@ -225,7 +236,8 @@ def open_run(spec: RunSpec, source_limit: int | None = None) -> RunContext:
     torch.manual_seed(spec.seed)
     pretrained = spec.weights != "random"
     net = models.create_model(spec.model, spec.checkpoint, device=device, pretrained=pretrained,
-                              img_size=spec.img_size, patch_size=spec.patch_size)
+                              img_size=spec.img_size, patch_size=spec.patch_size, adapt=fit_checkpoint,
+                              **(model_kwargs or {}))
     net = net.to(resolve_dtype(spec.model_dtype))
     timm_name = models.resolve_name(spec.model)
     if spec.checkpoint is not None:
@@ -238,7 +250,7 @@ def open_run(spec: RunSpec, source_limit: int | None = None) -> RunContext:
         weights, sha, checkpoint = "random", "", f"random:{timm_name}"
     limit = source_limit if source_limit is not None else spec.limit
     source = open_source(spec.data, net, limit=limit, skip_bad=spec.skip_bad, seed=spec.seed)
-    if world.distributed:
+    if world.distributed and shard:
         if source_limit is not None:
             raise UserError("this command measures a few images in one process: run it without torchrun "
                             "(under torchrun, eval, sweep and the analyses split the images over the ranks)")

@@ -134,14 +134,19 @@ class Config:
 
 
 def config(model: nn.Module, policy: Policy | str, costs: Costs | None = None, **kw: Any) -> Config:
-    """A Config of `policy` on `model` (costs from `costs` when given)."""
+    """A Config of `policy` on `model` (costs from `costs` when given; no analytic GMACs for a patch
+    embedding the count does not know)."""
     policy = parse_spec(policy) if isinstance(policy, str) else policy
     if not reducible(model):
         if policy.name != BASELINE:
             check_fits(model, policy)  # the one-line error that names what a reducer needs
         return Config(policy=policy, plan=None, gmacs=None, **kw)
     costs = costs or Costs(model)
-    return Config(policy=policy, plan=costs.plan(policy), gmacs=costs.gmacs(policy), **kw)
+    try:
+        gmacs: float | None = costs.gmacs(policy)
+    except ValueError:  # a patch embedding the analytic count does not know (ImagePiece's conv stem)
+        gmacs = None
+    return Config(policy=policy, plan=costs.plan(policy), gmacs=gmacs, **kw)
 
 
 def keep_of(policy: Policy) -> float | None:

@@ -21,15 +21,15 @@ from ipbench import models
 from ipbench.errors import UserError
 from ipbench.measure.accuracy import Result
 from ipbench.reducers import Policy, set_tracing
-from ipbench.reducers.imagepiece import checkpoint_has_conv_stem, load_conv_stem_checkpoint
+from ipbench.reducers.imagepiece import checkpoint_has_conv_stem
 from ipbench.reducers.trace import merged_pair_similarity
 from ipbench.results import COHERENCE_COLUMNS, accuracy_fields, cell
 from ipbench.runs.analyses import common
 from ipbench.runs.analyses.similarity import Moments, merge_op
-from ipbench.runs.context import RunSpec
+from ipbench.runs.context import RunSpec, fit_checkpoint
 from ipbench.runs.cost import measured_gmacs
 from ipbench.runs.loop import Forward, Job, Merged
-from ipbench.runs.plan import Config, Costs, variant
+from ipbench.runs.plan import config, variant
 from ipbench.runs.progress import Progress
 
 DEFAULT_REDUCERS = "imagepiece"
@@ -94,20 +94,18 @@ def variants(bases: list[Policy], localities: list[float], prune: bool, stem: bo
     return list(out.values())
 
 
-def load_stem_model(model: str, path: str, device: str) -> nn.Module:
-    """A timm ViT whose patch embedding is ImagePiece's conv stem, with weights trained with it."""
-    import timm
-
+def load_stem_model(spec: RunSpec, path: str, device: str) -> nn.Module:
+    """A timm ViT whose patch embedding is ImagePiece's conv stem, with weights trained with it (at the
+    spec's --img-size, like the main model)."""
     file = Path(path)
     if not file.is_file():
         raise UserError(f"--stem-checkpoint not found: {file}")
     state = models._unwrap(models._read_state_dict(file), file)
     if not checkpoint_has_conv_stem(state):
         raise UserError(f"--stem-checkpoint {file} has no conv-stem weights (patch_embed.proj.body.*): it must be "
-                        "trained with ImagePiece's local-coherence stem")
-    net = timm.create_model(models.resolve_name(model), pretrained=False)
-    load_conv_stem_checkpoint(net, state)
-    return net.to(device).eval()
+                        "trained with ImagePiece's local-coherence stem (ipbench finetune --stem conv)")
+    return models.create_model(spec.model, str(file), device=device, img_size=spec.img_size,
+                               patch_size=spec.patch_size, adapt=fit_checkpoint)
 
 
 def check_main_checkpoint(checkpoint: str | None) -> None:
@@ -142,16 +140,6 @@ class _Measure(Merged):
                         self.first_sims[on].add(v)
 
 
-def _config(net: nn.Module, policy: Policy) -> Config:
-    """The variant's token plan and analytic GMACs (none for the conv stem, which the count does not know)."""
-    costs = Costs(net)
-    try:
-        gmacs: float | None = costs.gmacs(policy)
-    except ValueError:
-        gmacs = None
-    return Config(policy=policy, plan=costs.plan(policy), gmacs=gmacs)
-
-
 def run(spec: RunSpec, out: Path, bases: list[Policy], localities: list[float], prune: bool,
         stem_checkpoint: str | None, force: bool = False, progress: Progress | None = None) -> common.Outcome:
     csv_path, done = common.start(spec, out, "coherence", COHERENCE_COLUMNS, progress)
@@ -162,7 +150,7 @@ def run(spec: RunSpec, out: Path, bases: list[Policy], localities: list[float], 
     runs = {"patch": run}
     if stem_checkpoint is not None:
         ctx = dataclasses.replace(
-            run.ctx, net=load_stem_model(spec.model, stem_checkpoint, run.ctx.device), weights="checkpoint",
+            run.ctx, net=load_stem_model(spec, stem_checkpoint, run.ctx.device), weights="checkpoint",
             checkpoint=str(Path(stem_checkpoint).resolve()), sha256=models.checkpoint_sha256(stem_checkpoint))
         runs["conv"] = dataclasses.replace(run, ctx=ctx)
     outcome = common.Outcome(csv_path=csv_path, run=run)
@@ -175,7 +163,7 @@ def run(spec: RunSpec, out: Path, bases: list[Policy], localities: list[float], 
             outcome.rows.append(done[key])
             outcome.resumed += 1
             continue
-        cfg = _config(su.net, policy)
+        cfg = config(su.net, policy)
         model = variant(su.net, policy, tracing=True)
         probe = su.probe(model)
         op = merge_op(probe) or ("merge" if p["retok"] == "merge" else "prune")

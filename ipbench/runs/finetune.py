@@ -1,0 +1,671 @@
+"""`ipbench finetune`: fine-tune a timm ViT with a token reducer in place, in one process or under torchrun.
+
+Built from timm's own pieces: `create_optimizer_v2` (AdamW, no weight decay on norms, biases and
+embeddings), `create_scheduler_v2` (cosine, stepped per update), `Mixup`/CutMix with label smoothing,
+the training transform of the model's data config, `ModelEmaV3`, `NativeScaler` for float16, drop-path;
+DistributedDataParallel across torchrun's ranks. The defaults are the fine-tune recipe the token
+reduction papers converged on (`Recipe`); every one is a flag.
+
+What makes a run trustworthy:
+
+* `--batch-size` is the GLOBAL batch (all ranks and accumulation steps together): the same run on 1
+  or 8 processes takes the same optimizer steps on the same images. Each epoch's order is a
+  permutation drawn from (seed, epoch); each step's batch is split into contiguous per-rank slices.
+* Each image's augmentation is drawn from its own seed (`data.SeededItems`), so it does not depend
+  on the rank, the worker or a resume.
+* Checkpoints (every epoch, and every `--save-every` steps) hold the weights (`model.safetensors`,
+  `model_ema.safetensors`) and a training state (optimizer, scheduler, scaler, every rank's random
+  generators, the position in the data order). A resumed run ends bit-identical to an uninterrupted
+  one (CPU, deterministic kernels). A checkpoint replaces the previous one in two renames, so a
+  crash or Ctrl-C never leaves half of one; Ctrl-C saves at the next step boundary, then stops.
+* Validation runs through the one batch loop (exact counts under torchrun) every epoch, for the
+  trained weights and their EMA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ipbench import results
+from ipbench.data import (
+    DataSource,
+    SeededItems,
+    batched,
+    data_config,
+    epoch_order,
+    holdout,
+    open_source,
+    train_batches,
+    train_transform,
+    with_transform,
+)
+from ipbench.errors import UserError
+from ipbench.reducers import Policy, apply_reducer, check_fits
+from ipbench.reducers.imagepiece import has_conv_stem, install_conv_stem
+from ipbench.results import FINETUNE_COLUMNS, accuracy_fields, cell
+from ipbench.runs.context import RunContext, RunSpec, open_run
+from ipbench.runs.loop import Accuracy, Job, run_jobs
+from ipbench.runs.progress import Progress, Silent
+from ipbench.runs.stem import StemFit, fit_conv_stem
+
+CHECKPOINT = "checkpoint"  # OUT/checkpoint/: the last checkpoint
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "model_ema.safetensors"
+STATE_FILE = "train_state.pt"
+STEMS = ("auto", "patch", "conv")
+DISTILL = ("none", "kd")
+SCHEDULES = ("cosine", "step", "multistep", "plateau", "tanh", "poly", "onecycle")  # timm create_scheduler_v2
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every setting of a fine-tune. Defaults: the token-reduction fine-tune recipe of the field
+    (EViT finetune.sh, DiffRate, DeiT's augmentation; docs/METHODS.md "Fine-tuning recipes")."""
+
+    epochs: int = 30  # EViT, DiffRate, DynamicViT, PPT: 30 epochs from the pretrained DeiT
+    lr: float = 2e-5  # per `lr_base_size` images of global batch (linear scaling, as DeiT and EViT scale it)
+    lr_base_size: int = 512  # [choice] lr, min_lr and warmup_lr are all scaled by global batch / lr_base_size
+    min_lr: float = 2e-6  # cosine floor (EViT 2e-6, DiffRate 1e-6), scaled like lr so that it stays below it
+    warmup_epochs: int = 0  # EViT fine-tunes without warm-up
+    warmup_lr: float = 1e-6
+    sched: str = "cosine"  # timm scheduler name, stepped after every optimizer update
+    opt: str = "adamw"  # timm optimizer name (create_optimizer_v2)
+    weight_decay: float = 0.05  # DeiT's default, which the DeiT-based fine-tunes inherit (EViT: 1e-6)
+    clip_grad: float | None = None  # gradient-norm clipping (None: off, as in DeiT)
+    drop_path: float = 0.1  # stochastic depth (DiffRate fine-tune: 0.1 for DeiT)
+    smoothing: float = 0.1  # label smoothing
+    mixup: float = 0.8  # mixup alpha (0: off)
+    cutmix: float = 1.0  # CutMix alpha (0: off)
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec (None: off)
+    reprob: float = 0.25  # random erasing probability
+    ema_decay: float = 0.9998  # ModelEmaV3 decay with its warm-up (0: no EMA)
+    accum_steps: int = 1  # micro-batches per optimizer step (gradient accumulation)
+    distill: str = "none"  # none | kd: plain KD from the same model without reduction (the teacher)
+    distill_alpha: float = 0.5  # weight of the KD term: (1−α)·task loss + α·τ²·KL(teacher ‖ student)
+    distill_tau: float = 1.0  # KD temperature τ
+    stem: str = "auto"  # patch | conv | auto (conv where the reducer asks stem=conv or the weights have it)
+    stem_init_steps: int = 200  # [choice] steps of the stem's regression onto the patch projection
+    stem_init_lr: float = 1e-3  # its AdamW learning rate (cosine to zero)
+
+    def check(self) -> None:
+        """One-line errors for values no run could use, before anything loads."""
+        positive = {"epochs": self.epochs, "lr_base_size": self.lr_base_size, "accum_steps": self.accum_steps}
+        for name, value in positive.items():
+            if value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        for name in ("lr", "min_lr", "warmup_lr", "weight_decay", "drop_path", "smoothing", "mixup", "cutmix",
+                     "reprob", "ema_decay", "distill_tau", "stem_init_lr"):
+            value = getattr(self, name)
+            if not value >= 0 or math.isinf(value):
+                raise UserError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
+        for name in ("drop_path", "smoothing", "reprob", "ema_decay", "distill_alpha"):
+            if not 0 <= getattr(self, name) < 1 + (name == "distill_alpha"):
+                raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if self.warmup_epochs < 0 or self.stem_init_steps < 0:
+            raise UserError("--warmup-epochs and --stem-init-steps must be >= 0")
+        if self.stem not in STEMS:
+            raise UserError(f"unknown --stem {self.stem!r}; valid: {', '.join(STEMS)}")
+        if self.distill not in DISTILL:
+            raise UserError(f"unknown --distill {self.distill!r}; valid: {', '.join(DISTILL)}")
+        if self.sched not in SCHEDULES:
+            raise UserError(f"unknown --sched {self.sched!r}; valid: {', '.join(SCHEDULES)}")
+        from timm.optim import list_optimizers
+
+        if self.opt not in list_optimizers():
+            raise UserError(f"unknown --opt {self.opt!r}; valid: timm's optimizers, e.g. adamw, sgd, lamb, lion")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long the run is and when it writes: none of it changes what is computed."""
+
+    max_steps: int | None = None  # stop after this many optimizer steps (the lr schedule still spans the epochs)
+    save_every: int = 0  # checkpoint every N steps too (0: at each epoch's end only)
+    log_every: int = 10  # a train row every N steps
+
+
+@dataclass
+class FinetuneOutcome:
+    """What a fine-tune did and where it left its files."""
+
+    out: Path
+    csv_path: Path
+    checkpoint: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)  # the rows this invocation wrote
+    steps: int = 0  # optimizer steps done in all (resumed ones included)
+    steps_total: int = 0  # the schedule's steps
+    resumed_from: int | None = None  # the step a resumed run started from
+    stem_fit: StemFit | None = None
+    stopped: bool = False  # stopped by Ctrl-C (a checkpoint was saved)
+    notes: list[str] = field(default_factory=list)
+
+
+# -- random generators: saved with every rank's checkpoint, restored on resume ------------------
+
+def rng_state() -> dict[str, Any]:
+    """This process's random generators (torch, numpy, Python; CUDA where used) as plain values."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype("int64")), pos,
+                                                        has_gauss, cached],
+             "python": list(random.getstate())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+
+def _tensors(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(out: Path, model: nn.Module, ema: nn.Module | None, state: dict[str, Any]) -> Path:
+    """Write OUT/checkpoint/ whole: into checkpoint.tmp, then two renames (the old one aside, the new
+    one in place), so a crash at any moment leaves one complete checkpoint."""
+    from safetensors.torch import save_file
+
+    final, tmp, old = out / CHECKPOINT, out / f"{CHECKPOINT}.tmp", out / f"{CHECKPOINT}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_tensors(model), str(tmp / MODEL_FILE))
+    if ema is not None:
+        save_file(_tensors(ema), str(tmp / EMA_FILE))
+    torch.save(state, tmp / STATE_FILE)
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    """The complete checkpoint in OUT (the set-aside one if a crash came between the two renames)."""
+    for name in (CHECKPOINT, f"{CHECKPOINT}.old"):
+        folder = out / name
+        if (folder / STATE_FILE).is_file() and (folder / MODEL_FILE).is_file():
+            return folder
+    return None
+
+
+def _load_state(folder: Path) -> dict[str, Any]:
+    try:
+        return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged or foreign file: say which, never a traceback
+        raise UserError(f"cannot read {folder / STATE_FILE}: {str(exc).strip().splitlines()[0]} "
+                        "(use --force to start over)") from exc
+
+
+def _load_weights(module: nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    module.load_state_dict(load_file(str(path)), strict=True)
+
+
+# -- the pieces of a run --------------------------------------------------------------------
+
+def with_stem(policy: Policy, stem: str) -> Policy:
+    """`policy` with its ImagePiece part's `stem` set (the reducer must know which tokenizer it runs on)."""
+    for part in policy.parts:
+        if "stem" in part.params and part.params["stem"] != stem:
+            if len(policy.parts) == 1:
+                return policy.with_params(stem=stem)
+            return policy.with_params(**{part.name: {"stem": stem}})
+    return policy
+
+
+def resolve_stem(recipe: Recipe, policy: Policy, net: nn.Module) -> str:
+    """patch or conv: --stem, else the reducer's own stem=conv, else what the weights have."""
+    if recipe.stem != "auto":
+        return recipe.stem
+    asked = any(part.params.get("stem") == "conv" for part in policy.parts)
+    return "conv" if asked or has_conv_stem(net) else "patch"
+
+
+def kd_loss(student: Tensor, teacher: Tensor, tau: float) -> Tensor:
+    """Hinton's soft-target term: τ² · KL(softmax(teacher/τ) ‖ softmax(student/τ)), batch mean."""
+    log_p = torch.log_softmax(student.float() / tau, dim=-1)
+    log_q = torch.log_softmax(teacher.float() / tau, dim=-1)
+    return torch.nn.functional.kl_div(log_p, log_q, reduction="batchmean", log_target=True) * tau * tau
+
+
+@dataclass
+class _Trainer:
+    """Everything one step needs, built once."""
+
+    ctx: RunContext
+    net: nn.Module  # the patched model (unwrapped)
+    model: nn.Module  # what the step calls: `net`, or its DistributedDataParallel wrapper
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    ema: Any
+    mixup: Any
+    criterion: Callable[[Tensor, Tensor], Tensor]
+    teacher: nn.Module | None
+    recipe: Recipe
+    micro: int  # images per rank per micro-batch
+
+    def step(self, micro_batches: Iterator[tuple[Tensor, Tensor]], update: int) -> Tensor:
+        """One optimizer step over `accum_steps` micro-batches; returns this rank's mean loss (detached)."""
+        r, total = self.recipe, torch.zeros((), dtype=torch.float32)
+        for i in range(r.accum_steps):
+            try:
+                images, labels = next(micro_batches)
+            except StopIteration:
+                raise UserError("the training data ran out in the middle of a step (unreadable images skipped "
+                                "with --skip-bad leave steps short): remove them from the data") from None
+            x = images.to(self.ctx.device, non_blocking=True).to(self._dtype)
+            y = labels.to(self.ctx.device, non_blocking=True)
+            target: Tensor = y
+            if self.mixup is not None:
+                x, target = self.mixup(x, y)
+            last = i == r.accum_steps - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                with self.ctx.precision():
+                    logits = self.model(x)
+                    loss = self.criterion(logits, target)
+                    if self.teacher is not None:
+                        with torch.no_grad():
+                            soft = self.teacher(x)
+                        loss = (1 - r.distill_alpha) * loss + r.distill_alpha * kd_loss(logits, soft, r.distill_tau)
+                scaled = loss / r.accum_steps
+                if self.scaler is not None:
+                    self.scaler(scaled, self.optimizer, clip_grad=r.clip_grad, parameters=self.net.parameters(),
+                                need_update=last)
+                else:
+                    scaled.backward()
+            total += loss.detach().float().cpu() / r.accum_steps
+        if self.scaler is None:
+            if r.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(self.net.parameters(), r.clip_grad)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step_update(num_updates=update)
+        if self.ema is not None:
+            self.ema.update(self.net, step=update)
+        return total
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(self.net.parameters()).dtype
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+
+class _StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM asks the run to stop at the next step boundary, after a checkpoint;
+    a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.asked = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading_main():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _criterion(recipe: Recipe) -> Callable[[Tensor, Tensor], Tensor]:
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if recipe.mixup > 0 or recipe.cutmix > 0:
+        return SoftTargetCrossEntropy()  # mixup's targets are soft and carry the smoothing
+    if recipe.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=recipe.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def _mixup(recipe: Recipe, num_classes: int, micro: int) -> Any:
+    if recipe.mixup <= 0 and recipe.cutmix <= 0:
+        return None
+    if micro % 2:
+        raise UserError(f"mixup/CutMix pair the images of a micro-batch, so it must be even; it is {micro} "
+                        "(--batch-size / processes / --accum-steps): change one, or --mixup 0 --cutmix 0")
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, label_smoothing=recipe.smoothing,
+                 num_classes=num_classes)
+
+
+def _val_context(ctx: RunContext, source: DataSource) -> RunContext:
+    """A context whose source is this rank's contiguous shard of the validation images."""
+    world = ctx.world
+    if world.distributed:
+        if source.num_images < world.size:
+            raise UserError(f"{source.num_images} validation images for {world.size} processes")
+        source = source.sharded(world.shard(source.num_images))
+    offset = source.part.start if source.part is not None else 0
+    return dataclasses.replace(ctx, source=source, offset=offset)
+
+
+def _identity(ctx: RunContext, policy: Policy, recipe: Recipe, val: str, stem: str,
+              global_batch: int) -> dict[str, Any]:
+    """What makes two fine-tunes different runs (a resume must match it)."""
+    return {"command": "finetune", **ctx.identity(), "reducer": policy.spec, "val": val, "stem": stem,
+            "global_batch": global_batch, **asdict(recipe)}
+
+
+def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    keys = sorted(set(saved) | set(now))
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+
+
+def _trim_csv(path: Path, key: str, step: int) -> None:
+    """A resumed run rewrites what came after its checkpoint: that run's rows past `step` go."""
+    if not path.is_file():
+        return
+    from ipbench.csvfile import well_formed
+
+    header, rows, _ = well_formed(path)
+    if header is None:
+        return
+    keep = []
+    for values in rows:
+        row = dict(zip(header, values))
+        stale = row.get("config_key") == key and row.get("kind") != "stem" and int(float(row.get("step") or 0)) > step
+        if not stale:
+            keep.append(row)
+    if len(keep) != len(rows):
+        results.write_table(path, keep, header)
+
+
+# -- the run --------------------------------------------------------------------------------
+
+def run_finetune(spec: RunSpec, policy: Policy, recipe: Recipe, out: Path, val: str | None = None,
+                 holdout_images: int | None = None, schedule: Schedule = Schedule(), force: bool = False,
+                 progress: Progress | None = None) -> FinetuneOutcome:
+    """Fine-tune spec's model with `policy` in place on spec's data; validate on `val` (or on
+    `holdout_images` of the data held out) every epoch; checkpoints and finetune.csv in `out`.
+
+    A run whose OUT holds a checkpoint of the same configuration resumes from it (`force`: start over)."""
+    progress = progress or Silent()
+    recipe.check()
+    if val is not None and holdout_images is not None:
+        raise UserError("--val and --holdout exclude each other: validate on another data source, or on "
+                        "images held out of --data")
+    csv_path = results.prepare_csv(out, "finetune", FINETUNE_COLUMNS)
+    out = csv_path.parent
+    ctx = open_run(spec, shard=False, model_kwargs={"drop_path_rate": recipe.drop_path})
+    world = ctx.world
+    net = ctx.net
+    check_fits(net, policy)
+    ctx.check_labels()
+    source = ctx.source
+    val_source: DataSource | None = None
+    val_name = ""
+    if holdout_images is not None:
+        source, val_source = holdout(source, holdout_images)
+        val_name = f"holdout:{holdout_images}"
+    elif val is not None:
+        val_source = open_source(val, net, skip_bad=spec.skip_bad, seed=spec.seed)
+        val_name = val_source.path
+    global_batch = spec.batch_size
+    per_rank = world.size * recipe.accum_steps
+    if global_batch % per_rank:
+        raise UserError(f"--batch-size {global_batch} (the global batch) does not split over {world.size} "
+                        f"process(es) × {recipe.accum_steps} accumulation step(s): use a multiple of {per_rank}")
+    micro = global_batch // per_rank
+    steps_per_epoch = source.num_images // global_batch
+    if steps_per_epoch < 1:
+        raise UserError(f"{source.num_images} training images make no batch of {global_batch}: lower --batch-size")
+    total_steps = steps_per_epoch * recipe.epochs
+
+    stem = resolve_stem(recipe, policy, net)
+    policy = with_stem(policy, stem)
+    teacher = None
+    if recipe.distill == "kd":  # the same model without reduction, frozen
+        teacher = copy.deepcopy(net).eval().requires_grad_(False)
+    projection = None
+    if stem == "conv" and not has_conv_stem(net):
+        projection = net.patch_embed.proj
+        install_conv_stem(net)
+        net.patch_embed.proj.to(ctx.device)
+    apply_reducer(net, policy)
+    net.train()
+
+    identity = _identity(ctx, policy, recipe, val_name, stem, global_batch)
+    key = results.config_key(identity)
+    outcome = FinetuneOutcome(out=out, csv_path=csv_path, checkpoint=out / CHECKPOINT, steps_total=total_steps)
+    found = last_checkpoint(out)
+    saved: dict[str, Any] | None = None
+    if found is not None and force:
+        if world.main:
+            shutil.rmtree(found, ignore_errors=True)
+        found = None
+    if found is not None:
+        saved = _load_state(found)
+        diff = _differences(json.loads(saved["identity"]), json.loads(json.dumps(identity, default=str)))
+        if diff:
+            raise UserError(f"{found} is a checkpoint of another fine-tune ({'; '.join(diff[:3])}): use another "
+                            "--out, or --force to start over")
+    world.gather(None)  # every rank has read the checkpoint before rank 0 may replace it
+
+    def row(kind: str, epoch: int, step: int, **cells: Any) -> dict[str, Any]:
+        fields = ctx.row_fields()
+        r = {**{k: fields.get(k, "") for k in FINETUNE_COLUMNS}, "config_key": key, "kind": kind, "epoch": epoch,
+             "step": step, "val_data": val_name, "reducer": policy.name, "reducer_spec": policy.spec,
+             "reducer_label": policy.label(), "stem": stem, "global_batch": global_batch, "world_size": world.size,
+             "data": source.path, **cells}
+        if world.main:
+            results.append_row(csv_path, r, FINETUNE_COLUMNS)
+            outcome.rows.append(r)
+        return r
+
+    train_items = SeededItems(with_transform(source.dataset, train_transform(data_config(net), recipe.auto_augment,
+                                                                              recipe.reprob)), spec.seed)
+
+    if projection is not None and saved is None and recipe.stem_init_steps > 0:
+        progress.phase("stem: regress onto the patch projection", recipe.stem_init_steps)
+
+        def stem_images() -> Iterator[Tensor]:
+            epoch = -1  # the stem's own image order, apart from the fine-tune's epochs
+            while True:
+                train_items.epoch = epoch
+                order = epoch_order(len(train_items), spec.seed, epoch)
+                for images, _ in train_batches(train_items, order, micro * world.size, spec.workers, spec.skip_bad):
+                    yield images.to(ctx.device)
+                epoch -= 1
+
+        def on_step(step: int, loss: float) -> None:
+            progress.advance(1, detail=f"error {loss:.3f}")
+            if step % schedule.log_every == 0 or step == recipe.stem_init_steps:
+                row("stem", -1, step, loss=cell(loss, 5), lr=cell(recipe.stem_init_lr, 8))
+
+        outcome.stem_fit = fit_conv_stem(net.patch_embed.proj, projection, stem_images(), recipe.stem_init_steps,
+                                         recipe.stem_init_lr, on_step)
+        progress.log(f"stem fitted to the patch projection in {recipe.stem_init_steps} steps: relative error "
+                     f"{outcome.stem_fit.first:.3f} (first 10) -> {outcome.stem_fit.last:.3f} (last 10)")
+
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3, NativeScaler
+
+    scale = global_batch / recipe.lr_base_size
+    optimizer = create_optimizer_v2(net, recipe.opt, lr=recipe.lr * scale, weight_decay=recipe.weight_decay)
+    scheduler, _ = create_scheduler_v2(optimizer, sched=recipe.sched, num_epochs=recipe.epochs,
+                                       min_lr=recipe.min_lr * scale, warmup_lr=recipe.warmup_lr * scale,
+                                       warmup_epochs=recipe.warmup_epochs,
+                                       step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    scaler = NativeScaler() if spec.amp_dtype == "float16" else None
+    ema = ModelEmaV3(net, decay=recipe.ema_decay, use_warmup=True) if recipe.ema_decay > 0 else None
+    model: nn.Module = net
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[ctx.device] if ctx.device.startswith("cuda") else None)
+    classes = int(getattr(net, "num_classes", 0) or 0)
+    trainer = _Trainer(ctx=ctx, net=net, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                       ema=ema, mixup=_mixup(recipe, classes, micro), criterion=_criterion(recipe), teacher=teacher,
+                       recipe=recipe, micro=micro)
+
+    epoch, step_in_epoch, update, seen = 0, 0, 0, 0
+    seed_everything(spec.seed * 1_000 + world.rank)  # dropout, drop-path, mixup: each rank its own draws
+    if saved is not None:
+        _load_weights(net, found / MODEL_FILE)
+        if ema is not None:
+            _load_weights(ema.module, found / EMA_FILE)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        epoch, step_in_epoch, update, seen = saved["epoch"], saved["step_in_epoch"], saved["update"], saved["seen"]
+        if len(saved["rng"]) == world.size:
+            set_rng_state(saved["rng"][world.rank])
+        else:
+            outcome.notes.append(f"resumed on {world.size} process(es) from a checkpoint of {len(saved['rng'])}: the "
+                                 "random draws (drop-path, mixup) differ from an uninterrupted run")
+        outcome.resumed_from = update
+        if world.main:
+            _trim_csv(csv_path, key, update)
+        progress.log(f"resumed from {found} at step {update} (epoch {epoch + 1}, step {step_in_epoch} of it)")
+
+    def state() -> dict[str, Any]:
+        return {"identity": json.dumps(identity, default=str), "epoch": epoch, "step_in_epoch": step_in_epoch,
+                "update": update, "seen": seen, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None}
+
+    def checkpoint() -> None:
+        rngs = world.gather(rng_state())
+        if world.main:
+            save_checkpoint(out, net, ema.module if ema is not None else None, {**state(), "rng": rngs})
+        world.gather(None)
+
+    val_data: tuple[Tensor, Tensor] | None = None
+    val_ctx: RunContext | None = None
+    if val_source is not None:
+        val_ctx = _val_context(ctx, val_source)
+        val_ctx.check_labels()
+        rng = rng_state()  # decoding draws a DataLoader seed: keep the training draws where they are
+        val_data = val_ctx.decode(progress, "validation images")
+        set_rng_state(rng)
+
+    def validate(at_epoch: int) -> None:
+        if val_ctx is None or val_data is None:
+            return
+        raw, averaged = Accuracy(), Accuracy()
+        jobs = [Job("trained", net, [raw])] + ([Job("ema", ema.module, [averaged])] if ema is not None else [])
+        net.eval()
+        try:
+            progress.phase(f"validate epoch {at_epoch + 1}", val_ctx.kept * len(jobs))
+            run_jobs(val_ctx, batched(*val_data, spec.batch_size), jobs, progress, expected=val_ctx.kept)
+        finally:
+            net.train()
+        res, ema_res = raw.result, averaged.result
+        r = row("val", at_epoch, update, images_seen=seen, lr=cell(trainer.lr, 8),
+                **accuracy_fields(res.correct1, res.correct5, res.total),
+                top1_ema=cell(_pct(ema_res.correct1, ema_res.total), 3) if ema is not None else "",
+                top5_ema=cell(_pct(ema_res.correct5, ema_res.total), 3) if ema is not None else "")
+        progress.row_written(f"epoch {at_epoch + 1}: top-1 {r['top1']} % (EMA {r['top1_ema'] or '-'} %), "
+                             f"top-5 {r['top5']} %")
+
+    losses: list[Tensor] = []
+    interval_start, interval_seen = time.perf_counter(), seen
+    with _StopOnSignal() as stop:
+        while epoch < recipe.epochs:
+            order = epoch_order(len(train_items), spec.seed, epoch)
+            mine: list[int] = []
+            for s in range(step_in_epoch, steps_per_epoch):
+                batch = order[s * global_batch:(s + 1) * global_batch]
+                share = global_batch // world.size
+                mine += batch[world.rank * share:(world.rank + 1) * share]
+            train_items.epoch = epoch
+            micro_batches = train_batches(train_items, mine, micro, spec.workers, spec.skip_bad)
+            progress.phase(f"finetune epoch {epoch + 1}/{recipe.epochs}", steps_per_epoch)
+            progress.advance(step_in_epoch)
+            while step_in_epoch < steps_per_epoch:
+                losses.append(trainer.step(micro_batches, update + 1))
+                update, step_in_epoch, seen = update + 1, step_in_epoch + 1, seen + global_batch
+                progress.advance(1, detail=f"loss {float(losses[-1]):.4f} lr {trainer.lr:.2e}")
+                if update % schedule.log_every == 0 or step_in_epoch == steps_per_epoch:
+                    mean = sum(float(x) for x in world.gather(torch.stack(losses).mean())) / world.size
+                    elapsed = time.perf_counter() - interval_start
+                    row("train", epoch, update, images_seen=seen, loss=cell(mean, 5), lr=cell(trainer.lr, 8),
+                        images_per_sec=cell((seen - interval_seen) / max(elapsed, 1e-9), 2))
+                    losses, interval_start, interval_seen = [], time.perf_counter(), seen
+                done = step_in_epoch == steps_per_epoch
+                if done:
+                    epoch, step_in_epoch = epoch + 1, 0
+                finished = schedule.max_steps is not None and update >= schedule.max_steps
+                stopping = any(world.gather(stop.asked)) if world.distributed else stop.asked
+                if done or stopping or finished or (schedule.save_every and update % schedule.save_every == 0):
+                    checkpoint()
+                if done:
+                    validate(epoch - 1)
+                if stopping:
+                    outcome.steps, outcome.stopped = update, True
+                    progress.log(f"stopped at step {update}: checkpoint saved in {out / CHECKPOINT}; run the same "
+                                 "command again to resume")
+                    raise KeyboardInterrupt
+                if finished:
+                    if not done:
+                        validate(epoch)
+                    outcome.steps = update
+                    return outcome
+                if done:
+                    break
+    outcome.steps = update
+    return outcome
+
+
+def _pct(correct: int, n: int) -> float | None:
+    return 100.0 * correct / n if n > 0 else None
+
