@@ -220,7 +220,7 @@ FINETUNE_COLUMNS: list[str] = [
     "timestamp",
     "config_key",  # the run: model, weights, data, reducer and every recipe setting
     "kind",  # train | stem | val
-    "epoch",  # 0-based epoch the row belongs to
+    "epoch",  # 0-based epoch the row belongs to (-1: the validation before training, and the stem fit)
     "step",  # optimizer steps done (global, all ranks together); stem rows: the stem fit's step
     "images_seen",  # training images consumed so far, every rank together
     "loss",  # train: mean training loss over the interval; stem: relative regression error

@@ -57,7 +57,7 @@ def test_loss_falls_and_the_checkpoint_evaluates(tmp_path: Path, checkpoint_path
     losses = [float(r["loss"]) for r in train]
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
     val = rows(out / "finetune.csv", "val")
-    assert [int(r["epoch"]) for r in val] == [0, 1, 2, 3, 4]
+    assert [int(r["epoch"]) for r in val] == [-1, 0, 1, 2, 3, 4]  # before training, then after each epoch
     assert all(r["n_labelled"] == "8" and r["top1_ema"] != "" for r in val)
     assert "top-1" in result.output
     weights = out / "checkpoint" / "model.safetensors"
@@ -73,6 +73,9 @@ def test_loss_falls_and_the_checkpoint_evaluates(tmp_path: Path, checkpoint_path
                      *NO_AUG)
     assert "nothing to do" in again.output
     assert len(rows(out / "finetune.csv", "train")) == 10
+    plotted = invoke(["plot", str(out)])
+    assert plotted.exit_code == 0, plotted.output
+    assert (out / "plots" / "finetune_curves.png").stat().st_size > 10_000
 
 
 RESUME = ["--reducer", "evit:keep=0.7", "--limit", "40", "--holdout", "8", "--batch-size", "8", "--epochs", "2",

@@ -17,7 +17,8 @@ def canon(spec: str) -> str:
     return parse_spec(spec).spec
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted((REPO / "recipes").glob("*.toml"))
+RECIPES = sorted(p for p in (REPO / "recipes").glob("*.toml") if not p.stem.startswith("finetune_"))
+FINETUNE_RECIPES = sorted((REPO / "recipes").glob("finetune_*.toml"))
 runner = CliRunner()
 TINY_TIMING = ["--set", "repeats=1", "--set", "min_seconds=0", "--set", "warmup=1", "--set", "batch_size=8"]
 
@@ -143,3 +144,24 @@ def test_measured_value_conditions() -> None:
     assert measured_value(df, "reducer_spec", evit, Column(name="a", value="share"), {}, canon) == pytest.approx(0.4)
     absent = Row(label="x", paper=[None], reducer="imagepiece")
     assert measured_value(df, "reducer_spec", absent, first30, {}, canon) is None
+
+
+@pytest.mark.parametrize("path", FINETUNE_RECIPES, ids=lambda p: p.stem)
+def test_every_finetune_recipe_sets_only_finetune_options(path: Path) -> None:
+    """recipes/finetune_*.toml feed `ipbench finetune --config`: every key is one of its options, and
+    `reproduce` points there instead of failing on an unknown key."""
+    import typer.main
+
+    from ipbench.cli.train import _read_config
+
+    command = typer.main.get_command(app).commands["finetune"]  # type: ignore[attr-defined]
+    options = {p.name for p in command.params} - {"config"}
+    table = _read_config(path)
+    assert table and set(table) <= options, set(table) - options
+    parse_spec(table["reducer"])
+    result = runner.invoke(app, ["reproduce", str(path)])
+    assert result.exit_code == 2 and "is a fine-tune recipe" in result.stderr
+
+
+def test_there_are_paper_scale_and_cpu_finetune_recipes() -> None:
+    assert {p.stem for p in FINETUNE_RECIPES} >= {"finetune_deit_s_imagepiece", "finetune_cpu_deit_t_tome"}

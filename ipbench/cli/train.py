@@ -153,7 +153,8 @@ def finetune_cmd(
                       f"(step {trains[-1]['step']}), {trains[-1]['images_per_sec']} img/s")
     for r in vals:
         ema = f", EMA {r['top1_ema']} %" if r["top1_ema"] != "" else ""
-        console.print(f"epoch {int(r['epoch']) + 1} (step {r['step']}): top-1 {r['top1']} % "
+        when = "before training" if int(r["epoch"]) < 0 else f"epoch {int(r['epoch']) + 1} (step {r['step']})"
+        console.print(f"{when}: top-1 {r['top1']} % "
                       f"[{r['top1_low']}, {r['top1_high']}]{ema}, top-5 {r['top5']} %")
     if outcome.steps >= outcome.steps_total and not outcome.rows and outcome.resumed_from is not None:
         console.print(f"nothing to do: the run in {outcome.out} is complete ({outcome.steps} steps)")

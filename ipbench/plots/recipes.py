@@ -180,6 +180,8 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{file}: not valid TOML ({' '.join(str(exc).split())})") from None
     name = file.name
+    if "finetune" in doc:
+        raise UserError(f"{name} is a fine-tune recipe: run it with `ipbench finetune --config {file}`")
     unknown = set(doc) - TOP_KEYS
     if unknown:
         raise UserError(f"{name}: unknown key(s) {', '.join(sorted(unknown))} "

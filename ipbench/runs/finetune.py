@@ -605,7 +605,8 @@ def run_finetune(spec: RunSpec, policy: Policy, recipe: Recipe, out: Path, val: 
         jobs = [Job("trained", net, [raw])] + ([Job("ema", ema.module, [averaged])] if ema is not None else [])
         net.eval()
         try:
-            progress.phase(f"validate epoch {at_epoch + 1}", val_ctx.kept * len(jobs))
+            progress.phase("validate before training" if at_epoch < 0 else f"validate epoch {at_epoch + 1}",
+                           val_ctx.kept * len(jobs))
             run_jobs(val_ctx, batched(*val_data, spec.batch_size), jobs, progress, expected=val_ctx.kept)
         finally:
             net.train()
@@ -614,9 +615,11 @@ def run_finetune(spec: RunSpec, policy: Policy, recipe: Recipe, out: Path, val: 
                 **accuracy_fields(res.correct1, res.correct5, res.total),
                 top1_ema=cell(_pct(ema_res.correct1, ema_res.total), 3) if ema is not None else "",
                 top5_ema=cell(_pct(ema_res.correct5, ema_res.total), 3) if ema is not None else "")
-        progress.row_written(f"epoch {at_epoch + 1}: top-1 {r['top1']} % (EMA {r['top1_ema'] or '-'} %), "
-                             f"top-5 {r['top5']} %")
+        when = "before training" if at_epoch < 0 else f"epoch {at_epoch + 1}"
+        progress.row_written(f"{when}: top-1 {r['top1']} % (EMA {r['top1_ema'] or '-'} %), top-5 {r['top5']} %")
 
+    if saved is None:
+        validate(-1)  # the starting point (the training-free figure), as epoch 0 of the curves
     losses: list[Tensor] = []
     interval_start, interval_seen = time.perf_counter(), seen
     with _StopOnSignal() as stop:
