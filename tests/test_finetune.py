@@ -229,7 +229,7 @@ def test_bad_settings_are_one_line_errors(tmp_path: Path, checkpoint_path: Path,
 def test_a_config_file_sets_options_and_the_command_line_wins(tmp_path: Path, checkpoint_path: Path) -> None:
     config = tmp_path / "ft.toml"
     config.write_text('[finetune]\nreducer = "tome:r=2"\nepochs = 1\nbatch_size = 8\nlimit = 20\nholdout = 4\n'
-                      'max_steps = 1\nlog_every = 1\nmixup = 0.0\ncutmix = 0.0\n', encoding="utf-8")
+                      'max_steps = 1\nlog_every = 1\nmixup = 0.0\ncutmix = 0.0\ndistill = "kd"\n', encoding="utf-8")
     out = tmp_path / "cfg"
     finetune(out, checkpoint_path, "--config", str(config), "--max-steps", "2")
     train = rows(out / "finetune.csv", "train")
@@ -249,3 +249,15 @@ def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path: Path, checkpoint_p
     forced = invoke(["finetune", "--checkpoint", str(checkpoint_path), "--out", str(out), *SMALL, "--reducer",
                      "tome:r=3", "--force", *common])
     assert forced.exit_code == 0, forced.output
+
+
+def test_the_kd_term_is_zero_only_when_student_and_teacher_agree() -> None:
+    from ipbench.runs.finetune import kd_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 10)
+    assert kd_loss(logits, logits.clone(), 2.0).abs().item() < 1e-6
+    other = torch.randn(4, 10)
+    expected = (torch.softmax(other / 2, -1) * (torch.log_softmax(other / 2, -1) - torch.log_softmax(logits / 2, -1))
+                ).sum(-1).mean() * 4
+    assert torch.allclose(kd_loss(logits, other, 2.0), expected, atol=1e-6)
