@@ -286,7 +286,7 @@ class _Trainer:
 
     def step(self, micro_batches: Iterator[tuple[Tensor, Tensor]], update: int) -> Tensor:
         """One optimizer step over `accum_steps` micro-batches; returns this rank's mean loss (detached)."""
-        r, total = self.recipe, torch.zeros((), dtype=torch.float32)
+        r, total = self.recipe, torch.zeros((), dtype=torch.float32, device=self.ctx.device)
         for i in range(r.accum_steps):
             try:
                 images, labels = next(micro_batches)
@@ -314,7 +314,7 @@ class _Trainer:
                                 need_update=last)
                 else:
                     scaled.backward()
-            total += loss.detach().float().cpu() / r.accum_steps
+            total += loss.detach().float() / r.accum_steps
         if self.scaler is None:
             if r.clip_grad is not None:
                 torch.nn.utils.clip_grad_norm_(self.net.parameters(), r.clip_grad)
@@ -323,7 +323,7 @@ class _Trainer:
         self.scheduler.step_update(num_updates=update)
         if self.ema is not None:
             self.ema.update(self.net, step=update)
-        return total
+        return total.cpu()  # one host sync per step
 
     @property
     def _dtype(self) -> torch.dtype:
@@ -551,7 +551,8 @@ def run_finetune(spec: RunSpec, policy: Policy, recipe: Recipe, out: Path, val: 
     if world.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(net, device_ids=[ctx.device] if ctx.device.startswith("cuda") else None)
+        model = DistributedDataParallel(net, device_ids=[torch.device(ctx.device)] if ctx.device.startswith("cuda")
+                                        else None)
     classes = int(getattr(net, "num_classes", 0) or 0)
     trainer = _Trainer(ctx=ctx, net=net, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                        ema=ema, mixup=_mixup(recipe, classes, micro), criterion=_criterion(recipe), teacher=teacher,
