@@ -245,10 +245,17 @@ def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path: Path, checkpoint_p
     finetune(out, checkpoint_path, "--reducer", "tome:r=2", *common)
     other = invoke(["finetune", "--checkpoint", str(checkpoint_path), "--out", str(out), *SMALL, "--reducer",
                     "tome:r=3", *common])
-    assert_user_error(other, "is a checkpoint of another fine-tune (reducer: 'tome:r=2,prop_attn=true' -> 'tome:r=3,prop_attn=true')")
+    assert_user_error(other, "is a checkpoint of another fine-tune (reducer: 'tome:r=2,prop_attn=true' -> "
+                             "'tome:r=3,prop_attn=true')")
     forced = invoke(["finetune", "--checkpoint", str(checkpoint_path), "--out", str(out), *SMALL, "--reducer",
                      "tome:r=3", "--force", *common])
     assert forced.exit_code == 0, forced.output
+    again = invoke(["finetune", "--checkpoint", str(checkpoint_path), "--out", str(out), *SMALL, "--reducer",
+                    "tome:r=3", "--force", *common])
+    assert again.exit_code == 0, again.output
+    labels = [(r["reducer_label"], r["kind"], r["step"]) for r in rows(out / "finetune.csv")]
+    assert labels == [("tome:r=2", "val", "0"), ("tome:r=2", "train", "1"), ("tome:r=2", "val", "1"),
+                      ("tome:r=3", "val", "0"), ("tome:r=3", "train", "1"), ("tome:r=3", "val", "1")]
 
 
 def test_the_kd_term_is_zero_only_when_student_and_teacher_agree() -> None:

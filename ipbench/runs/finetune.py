@@ -410,7 +410,8 @@ def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 
 def _trim_csv(path: Path, key: str, step: int) -> None:
-    """A resumed run rewrites what came after its checkpoint: that run's rows past `step` go."""
+    """A resumed run rewrites what came after its checkpoint: that run's rows past `step` go (step -1:
+    all of them, the stem fit's included, for a run started over with --force)."""
     if not path.is_file():
         return
     from ipbench.csvfile import well_formed
@@ -421,7 +422,8 @@ def _trim_csv(path: Path, key: str, step: int) -> None:
     keep = []
     for values in rows:
         row = dict(zip(header, values))
-        stale = row.get("config_key") == key and row.get("kind") != "stem" and int(float(row.get("step") or 0)) > step
+        ours = row.get("config_key") == key
+        stale = ours and (step < 0 or (row.get("kind") != "stem" and int(float(row.get("step") or 0)) > step))
         if not stale:
             keep.append(row)
     if len(keep) != len(rows):
@@ -487,9 +489,11 @@ def run_finetune(spec: RunSpec, policy: Policy, recipe: Recipe, out: Path, val: 
     outcome = FinetuneOutcome(out=out, csv_path=csv_path, checkpoint=out / CHECKPOINT, steps_total=total_steps)
     found = last_checkpoint(out)
     saved: dict[str, Any] | None = None
-    if found is not None and force:
+    if force:  # start over: the checkpoint and this configuration's rows go
         if world.main:
-            shutil.rmtree(found, ignore_errors=True)
+            if found is not None:
+                shutil.rmtree(found, ignore_errors=True)
+            _trim_csv(csv_path, key, -1)
         found = None
     if found is not None:
         saved = _load_state(found)
@@ -639,17 +643,17 @@ def run_finetune(spec: RunSpec, policy: Policy, recipe: Recipe, out: Path, val: 
                 losses.append(trainer.step(micro_batches, update + 1))
                 update, step_in_epoch, seen = update + 1, step_in_epoch + 1, seen + global_batch
                 progress.advance(1, detail=f"loss {float(losses[-1]):.4f} lr {trainer.lr:.2e}")
-                if update % schedule.log_every == 0 or step_in_epoch == steps_per_epoch:
+                done = step_in_epoch == steps_per_epoch
+                finished = schedule.max_steps is not None and update >= schedule.max_steps
+                stopping = any(world.gather(stop.asked)) if world.distributed else stop.asked
+                if update % schedule.log_every == 0 or done or finished or stopping:  # the interval's row
                     mean = sum(float(x) for x in world.gather(torch.stack(losses).mean())) / world.size
                     elapsed = time.perf_counter() - interval_start
                     row("train", epoch, update, images_seen=seen, loss=cell(mean, 5), lr=cell(trainer.lr, 8),
                         images_per_sec=cell((seen - interval_seen) / max(elapsed, 1e-9), 2))
                     losses, interval_start, interval_seen = [], time.perf_counter(), seen
-                done = step_in_epoch == steps_per_epoch
                 if done:
                     epoch, step_in_epoch = epoch + 1, 0
-                finished = schedule.max_steps is not None and update >= schedule.max_steps
-                stopping = any(world.gather(stop.asked)) if world.distributed else stop.asked
                 if done or stopping or finished or (schedule.save_every and update % schedule.save_every == 0):
                     checkpoint()
                 if done:
