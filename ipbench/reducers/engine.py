@@ -37,6 +37,8 @@ from ipbench.reducers.families import (
     has_class_token,
     rel_pos_bias,
     size_weighted_pool,
+    timm_attention,
+    vit_attention,
 )
 from ipbench.reducers.tokens import TokenState
 
@@ -63,7 +65,9 @@ class EngineState:
 
 
 _TRACE_NEEDS = frozenset({"cls_attn", "keys"})
-Attend = Callable[[Tensor, "Tensor | None", frozenset, TokenState], tuple[Tensor, Evidence]]
+_NOTHING: frozenset[str] = frozenset()
+# attend(block, normed x, bias, needs, state) -> (attention output, evidence)
+Attend = Callable[[nn.Module, Tensor, "Tensor | None", frozenset, TokenState], tuple[Tensor, Evidence]]
 
 
 def _scaled(gamma: Tensor | None, t: Tensor) -> Tensor:
@@ -71,10 +75,17 @@ def _scaled(gamma: Tensor | None, t: Tensor) -> Tensor:
     return t if gamma is None else gamma * t
 
 
+def _bias_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the attention logits have: autocast's where it is on, else the hidden states'."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def _run_block(block: nn.Module, x: Tensor, attend: Attend, plain: Callable[[Tensor], Tensor],
                ls1: Callable[[Tensor], Tensor], ls2: Callable[[Tensor], Tensor]) -> Tensor:
     """One patched block of any family: attention (with its evidence), the policy's reduction,
-    then the MLP. A block where nothing is reduced, biased, traced or moved runs timm's own code."""
+    then the MLP. A block that reduces nothing, needs no bias and traces nothing runs timm's own
+    code (for EVA and BEiT only before any reduction: their position terms are gathered after)."""
     eng: EngineState = block._ipb
     layer = block._ipb_layer
     st = eng.tokens
@@ -83,21 +94,21 @@ def _run_block(block: nn.Module, x: Tensor, attend: Attend, plain: Callable[[Ten
                                      eng.policy.prop_attn, want_anchor=eng.family in POSITIONAL)
     st.layer = layer
     active = eng.policy.acts_at(layer)
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
-        else x.dtype
-    bias = st.attn_bias(dtype)
     tracing = st.trace is not None
-    if not active and bias is None and not tracing and not st.moved:
+    bias = st.attn_bias(_bias_dtype(x)) if st.moved else None  # nothing merged or padded before a move
+    if not active and bias is None and not tracing and (not st.moved or eng.family not in POSITIONAL):
         x = plain(x)
         st.count(x)
         return x
 
     # Tracing reads the evidence of every block (same ops, so outputs are unchanged).
-    needs = (eng.policy.needs if active else frozenset()) | (_TRACE_NEEDS if tracing else frozenset())
+    needs = eng.policy.needs if active else _NOTHING
+    if tracing:
+        needs = needs | _TRACE_NEEDS
     received = eng.importance == "received" and "cls_attn" in needs
     if received:  # read from the attention matrix itself: timm's unfused path, nothing computed twice
         needs = (needs - {"cls_attn"}) | {"attn"}
-    a, ev = attend(block.norm1(x), bias, needs, st)
+    a, ev = attend(block, block.norm1(x), bias, needs, st)
     if received:
         ev.cls_attn = received_attention(ev.attn, st.n_prefix, st.valid)
     x = x + block.drop_path1(ls1(a))
@@ -117,9 +128,13 @@ def _run_block(block: nn.Module, x: Tensor, attend: Attend, plain: Callable[[Ten
 
 def _vit_attend(block: nn.Module, xn: Tensor, bias: Tensor | None, needs: frozenset,
                 st: TokenState) -> tuple[Tensor, Evidence]:
-    """timm's own attention module (SDPA kept); the evidence read from its qkv projection."""
-    a, captured, matrix = attention_with_evidence(block.attn, xn, bias, bool(needs & QKV_NEEDS), "attn" in needs)
-    ev = qkv_evidence(block.attn, captured[0], bias, needs) if captured else Evidence()
+    """timm's attention: computed inline for timm's own Attention class (`vit_attention`, the same
+    ops), else the module itself runs with its qkv projection's output captured by a hook."""
+    attn = block.attn
+    if type(attn) is timm_attention():
+        return vit_attention(attn, xn, bias, needs)
+    a, captured, matrix = attention_with_evidence(attn, xn, bias, bool(needs & QKV_NEEDS), "attn" in needs)
+    ev = qkv_evidence(attn, captured[0], bias, needs) if captured else Evidence()
     ev.attn = matrix
     captured.clear()  # the block's qkv [B, N, 3C] must not stay alive through the MLP (peak memory)
     return a, ev
@@ -134,9 +149,7 @@ class _PatchedBlock:
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise UserError("ipbench's reducers do not support attention masks or causal attention")
-        base = super()
-        return _run_block(self, x, lambda xn, bias, needs, st: _vit_attend(self, xn, bias, needs, st),
-                          base.forward, self.ls1, self.ls2)
+        return _run_block(self, x, _vit_attend, super().forward, self.ls1, self.ls2)
 
 
 class _PatchedEvaBlock:
@@ -151,8 +164,9 @@ class _PatchedEvaBlock:
             raise UserError("ipbench's reducers do not support attention masks or causal attention")
         base = super()
 
-        def attend(xn: Tensor, bias: Tensor | None, needs: frozenset, st: TokenState) -> tuple[Tensor, Evidence]:
-            return eva_attention(self.attn, xn, gather_rope(rope, st), bias, needs)
+        def attend(block: nn.Module, xn: Tensor, bias: Tensor | None, needs: frozenset,
+                   st: TokenState) -> tuple[Tensor, Evidence]:
+            return eva_attention(block.attn, xn, gather_rope(rope, st), bias, needs)
 
         return _run_block(self, x, attend, lambda t: base.forward(t, rope=rope),
                           lambda t: _scaled(self.gamma_1, t), lambda t: _scaled(self.gamma_2, t))
@@ -167,8 +181,9 @@ class _PatchedBeitBlock:
     def forward(self, x: Tensor, shared_rel_pos_bias: Tensor | None = None) -> Tensor:
         base = super()
 
-        def attend(xn: Tensor, bias: Tensor | None, needs: frozenset, st: TokenState) -> tuple[Tensor, Evidence]:
-            return beit_attention(self.attn, xn, rel_pos_bias(self.attn, shared_rel_pos_bias, st), bias, needs)
+        def attend(block: nn.Module, xn: Tensor, bias: Tensor | None, needs: frozenset,
+                   st: TokenState) -> tuple[Tensor, Evidence]:
+            return beit_attention(block.attn, xn, rel_pos_bias(block.attn, shared_rel_pos_bias, st), bias, needs)
 
         return _run_block(self, x, attend, lambda t: base.forward(t, shared_rel_pos_bias=shared_rel_pos_bias),
                           lambda t: _scaled(self.gamma_1, t), lambda t: _scaled(self.gamma_2, t))

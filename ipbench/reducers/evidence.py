@@ -41,13 +41,14 @@ def token_evidence(q0: Tensor | None, k: Tensor, v: Tensor, scale: float, bias: 
     as the attention used them (after q/k norms and, for EVA, the rotary embedding)."""
     bsz, n = k.shape[:2]
     ev = Evidence()
-    if "keys" in needs:
-        ev.keys = k.mean(dim=2)
+    if "keys" in needs:  # in float32 mean is a sum and one division: those, without its scalar tensor
+        ev.keys = k.sum(dim=2).div_(k.shape[2]) if k.dtype == torch.float32 else k.mean(dim=2)
     if "vnorm" in needs:
         ev.vnorm = v.reshape(bsz, n, -1).norm(dim=-1)
     if "cls_attn" in needs:
         assert q0 is not None
-        logits = torch.einsum("bhd,bnhd->bhn", q0, k) * scale
+        # q0·kᵀ as one batched matmul (the same bmm einsum makes, without its parsing per call)
+        logits = (q0.unsqueeze(2) @ k.permute(0, 2, 3, 1)).squeeze(2) * scale
         if bias is not None:
             logits = logits + bias[:, :, 0]
         ev.cls_attn = logits.float().softmax(dim=-1).mean(dim=1).to(k.dtype)

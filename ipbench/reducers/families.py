@@ -18,6 +18,8 @@ refused with one line that names the supported ones.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -125,7 +127,8 @@ def _qkv_heads(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def _attention_core(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
                     matrix: bool) -> tuple[Tensor, Tensor | None]:
-    """softmax(q·kᵀ·scale + bias)·v: fused SDPA, or the explicit matrix where a policy reads it."""
+    """softmax(q·kᵀ·scale + bias)·v: fused SDPA, or the explicit matrix (timm's own non-fused
+    path, op for op) where a policy reads it."""
     if bias is not None:
         bias = bias.to(q.dtype)
     if not matrix:
@@ -148,6 +151,36 @@ def _evidence(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | N
 
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return a if b is None else b if a is None else a + b
+
+
+@functools.cache
+def timm_attention() -> type:
+    """timm's plain ViT attention class: the one `vit_attention` computes inline."""
+    from timm.models.vision_transformer import Attention
+
+    return Attention
+
+
+def vit_attention(attn: nn.Module, x: Tensor, bias: Tensor | None, needs: frozenset) -> tuple[Tensor, Evidence]:
+    """timm's ViT Attention (`timm_attention`, the exact class) on x, op for op as its forward (so
+    its outputs are the same bits), with the evidence read from its own q, k, v: no forward hook
+    to register and remove per block, and no qkv kept after the attention."""
+    bsz, n, _ = x.shape
+    gate = getattr(attn, "gate", None)
+    gate = gate(x).sigmoid() if gate is not None else None
+    qkv = attn.qkv(x).reshape(bsz, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    matrix = "attn" in needs
+    out, probs = _attention_core(attn, q, k, v, bias, matrix or not attn.fused_attn)
+    out = out.transpose(1, 2).reshape(bsz, n, attn.num_heads * attn.head_dim)
+    norm = getattr(attn, "norm", None)
+    if norm is not None:
+        out = norm(out)
+    if gate is not None:
+        out = out * gate
+    out = attn.proj_drop(attn.proj(out))
+    return out, (_evidence(attn, q, k, v, bias, needs, probs if matrix else None) if needs else Evidence())
 
 
 def eva_attention(attn: nn.Module, x: Tensor, rope: Tensor | None, bias: Tensor | None,

@@ -45,6 +45,8 @@ class TokenState:
         self.trace: list[dict[str, Any]] | None = [] if tracing else None
         self.layer = -1
         self.moved = False  # set once a policy has reduced (or reordered) the tokens
+        # the last attn_bias: (the size and valid tensors it was made from, dtype, bias)
+        self._bias: tuple[Tensor | None, Tensor | None, torch.dtype, Tensor | None] | None = None
         self.anchor: Tensor | None = (torch.arange(n, device=x.device).expand(bsz, -1)
                                       if want_anchor else None)
         n_patches = n - n_prefix
@@ -64,14 +66,24 @@ class TokenState:
 
     def attn_bias(self, dtype: torch.dtype) -> Tensor | None:
         """Proportional attention, log(size) added to the logits of each key, and −inf on the keys
-        of padding (each image then attends exactly as it would alone)."""
+        of padding (each image then attends exactly as it would alone).
+
+        Kept until the sizes or the padding change (a block that reduces nothing, the pooling head
+        and the blocks after the last reduction reuse it instead of taking the log again)."""
+        size = self.size if self.prop_attn else None
+        if size is None and self.valid is None:
+            return None
+        made = self._bias
+        if made is not None and made[0] is size and made[1] is self.valid and made[2] == dtype:
+            return made[3]
         bias = None
-        if self.prop_attn and self.size is not None:
-            bias = self.size.log().to(dtype).transpose(1, 2).unsqueeze(1)
+        if size is not None:
+            bias = size.log().to(dtype).transpose(1, 2).unsqueeze(1)
         if self.valid is not None:
             pad = torch.zeros(self.valid.shape, dtype=dtype, device=self.valid.device)
             pad = pad.masked_fill(~self.valid, float("-inf"))[:, None, None, :]
             bias = pad if bias is None else bias + pad
+        self._bias = (size, self.valid, dtype, bias)
         return bias
 
     def count(self, x: Tensor) -> None:
@@ -150,21 +162,26 @@ class TokenState:
         EViT, which has no sizes; 'count': it counts the patches it absorbed. Its centroid is
         the size-weighted centroid of its members and its sources their union.
         """
-        w = self.sizes(x) if (self.size is not None or fuse is not None) else None
+        # sizes are needed where tokens have them, or for the fused token's own size or centroid;
+        # not for EViT's default (every token one patch, the fused one too, no centroids)
+        count = fuse is not None and (fused_size == "count" or self.pos is not None)
+        w = self.sizes(x) if (self.size is not None or count) else None
         out = gather_tokens(x, idx)
         new_size = gather_tokens(w, idx) if w is not None else None
         new_pos = gather_tokens(self.pos, idx) if self.pos is not None else None
         new_src = gather_tokens(self.source, idx) if self.source is not None else None
         new_anchor = self.anchor.gather(1, idx) if self.anchor is not None else None
         if fuse is not None:
-            assert w is not None and weight is not None
+            assert weight is not None
             out = torch.cat([out, fuse_tokens(x, weight, fuse)], dim=1)
-            members = gather_tokens(w, fuse)
-            total = members.sum(dim=1, keepdim=True)
-            new_size = torch.cat([new_size, total if fused_size == "count" else torch.ones_like(total)], 1)
-            if new_pos is not None:
-                centroid = (gather_tokens(self.pos, fuse) * members).sum(dim=1, keepdim=True) / total
-                new_pos = torch.cat([new_pos, centroid], dim=1)
+            if w is not None:
+                assert new_size is not None
+                members = gather_tokens(w, fuse)
+                total = members.sum(dim=1, keepdim=True)
+                new_size = torch.cat([new_size, total if fused_size == "count" else torch.ones_like(total)], 1)
+                if new_pos is not None:
+                    centroid = (gather_tokens(self.pos, fuse) * members).sum(dim=1, keepdim=True) / total
+                    new_pos = torch.cat([new_pos, centroid], dim=1)
             if new_src is not None:
                 new_src = torch.cat([new_src, gather_tokens(self.source, fuse).sum(1, keepdim=True)], 1)
             if new_anchor is not None:  # the fused token sits where its heaviest member did
