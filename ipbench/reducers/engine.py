@@ -2,13 +2,14 @@
 
 `apply_reducer` swaps the classes of a timm VisionTransformer and of its blocks for thin
 subclasses (weights and state_dict untouched, `remove_reducer` swaps them back). A patched
-block runs timm's own attention module (SDPA kept), with proportional attention passed as
+block runs timm's attention (SDPA kept; for timm's own Attention class its forward's ops inline,
+so the evidence comes from its q, k, v without a hook), with proportional attention passed as
 its additive `attn_mask`, then lets the policy reduce the tokens, then runs the MLP:
 
     x = x + ls1(attn(norm1(x), attn_mask=log(size)))  ->  policy.reduce  ->  x = x + ls2(mlp(norm2(x)))
 
-Blocks where the policy does nothing and no token has been merged yet call timm's forward
-unchanged, so `none` is timm bit for bit and costs nothing.
+Blocks where the policy does nothing and no bias applies call timm's forward unchanged (for
+EVA and BEiT only before any reduction), so `none` is timm bit for bit and costs nothing.
 """
 
 from __future__ import annotations
