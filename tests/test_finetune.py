@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from ipbench.cli import app
+from ipbench.reducers import list_reducers
 from ipbench.runs.progress import Silent
 from tests.helpers import assert_user_error
 
@@ -268,3 +269,23 @@ def test_the_kd_term_is_zero_only_when_student_and_teacher_agree() -> None:
     expected = (torch.softmax(other / 2, -1) * (torch.log_softmax(other / 2, -1) - torch.log_softmax(logits / 2, -1))
                 ).sum(-1).mean() * 4
     assert torch.allclose(kd_loss(logits, other, 2.0), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(cls.name for cls in list_reducers()))
+def test_every_reducer_trains_after_an_inference_pass(name: str) -> None:
+    """The engine under autograd, drop-path on, after an inference-mode pass (a cache filled there
+    must not poison training): every parameter gets a finite gradient."""
+    import timm
+
+    from ipbench.reducers import apply_reducer, parse_spec
+
+    torch.manual_seed(0)
+    size = 224 if name == "diffrate" else 112  # DiffRate's published schedules are for 197 tokens
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=size, drop_path_rate=0.1)
+    apply_reducer(model, parse_spec(name))
+    x = torch.randn(2, 3, size, size)
+    with torch.inference_mode():
+        model.eval()(x)
+    model.train()(x).logsumexp(-1).mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
