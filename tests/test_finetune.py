@@ -106,7 +106,8 @@ class _Interrupt(Silent):
 def _run(out: Path, checkpoint: Path, progress: Any) -> Any:
     from ipbench.reducers import parse_spec
     from ipbench.runs.context import RunSpec
-    from ipbench.runs.finetune import Recipe, Schedule, run_finetune
+    from ipbench.runs.finetune import run_finetune
+    from ipbench.runs.training import Recipe, Schedule
 
     spec = RunSpec(model="deit_t", checkpoint=str(checkpoint), data="sample", limit=40, batch_size=8, workers=0,
                    img_size=112, threads=1)
@@ -260,7 +261,7 @@ def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path: Path, checkpoint_p
 
 
 def test_the_kd_term_is_zero_only_when_student_and_teacher_agree() -> None:
-    from ipbench.runs.finetune import kd_loss
+    from ipbench.runs.training import kd_loss
 
     torch.manual_seed(0)
     logits = torch.randn(4, 10)

@@ -114,7 +114,8 @@ def finetune_cmd(
     from ipbench.cli.display import Display, wide_console
     from ipbench.reducers import parse_spec
     from ipbench.runs.context import RunSpec as Spec
-    from ipbench.runs.finetune import Recipe, Schedule, run_finetune
+    from ipbench.runs.finetune import run_finetune
+    from ipbench.runs.training import Recipe, Schedule
 
     values: dict[str, Any] = dict(ctx.params)
     values.update(reducer=reducer, val=val, holdout=holdout, out=out, force=force, batch_size=batch_size)
