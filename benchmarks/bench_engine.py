@@ -10,6 +10,12 @@ next to its GMACs ratio (fvcore + SDPA), its latency and the peak memory of a fo
 * with ``--official-tome DIR`` (a checkout of facebookresearch/ToMe OUTSIDE this project), its timm
   patch at the same r is timed in the same run, and ipbench's ToMe must not be slower.
 
+``--bounds`` also times, in the same rounds, each reducer's zero-overhead bound: plain timm blocks
+run on the reducer's static token counts, the tokens cut by one slice (no ranking, matching or
+merging at all). No implementation of that token schedule can beat it in eager PyTorch, so a target
+the bound itself misses (column ``bnd/ratio``) is out of reach on that machine and batch size; the
+engine's own efficiency is then ``sp/bound``.
+
     python benchmarks/bench_engine.py [--model deit_t] [--batch-sizes 1,32] [--repeats 5] \
         [--official-tome ../scratch/ToMe]
 
@@ -32,7 +38,7 @@ from ipbench.data import normalize, open_source
 from ipbench.measure.flops import analytic_gmacs, count_gmacs
 from ipbench.measure.throughput import SpeedResult, measure_throughput
 from ipbench.models import load_checkpoint, resolve_name
-from ipbench.reducers import apply_reducer, list_reducers, parse_spec, token_plan
+from ipbench.reducers import TokenPlan, apply_reducer, list_reducers, parse_spec, token_plan
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REAL_WEIGHTS = {"deit_tiny_patch16_224": SHARED / "weights" / "deit_tiny_patch16_224.safetensors"}
@@ -44,6 +50,7 @@ EFFICIENCY_TARGETS = {"tome:r=13": 0.95}
 SMALL_BATCH = 8  # up to this batch size the small-batch target applies
 SMALL_BATCH_TARGET = 0.80
 OFFICIAL = "official ToMe"
+BOUND = "bound "  # prefix of a reducer's zero-overhead bound model
 
 
 def _specs(extra: list[str] | None) -> list[str]:
@@ -97,19 +104,42 @@ def _target(name: str, batch: int) -> float | None:
     return SMALL_BATCH_TARGET if batch <= SMALL_BATCH else EFFICIENCY_TARGETS.get(name, EFFICIENCY_TARGET)
 
 
-def _row(name: str, tokens: int, gmacs: float, ratio: float, speed: SpeedResult) -> tuple[str, float | None]:
+def _row(name: str, tokens: int, gmacs: float, ratio: float, speed: SpeedResult,
+         bound: SpeedResult | None = None) -> tuple[str, float | None]:
     """One table line, and the figure checked against its target (None for plain timm)."""
     target = _target(name, speed.batch_size)
     figure = speed.speedup if name == NONE else speed.speedup / ratio
     verdict = "" if target is None else ("ok" if figure >= target else "MISSED") + f" (>= {target:.2f})"
+    if bound is not None and target is not None and figure < target and bound.speedup / ratio < target:
+        verdict += ": bound-limited"
     quotient = "" if name in (PLAIN, NONE) else f"{speed.speedup / ratio:6.3f}"
+    bounds = (f" {bound.speedup / ratio:9.3f} {speed.speedup / bound.speedup:8.3f}" if bound is not None
+              else f" {'':>9} {'':>8}")
     line = (
         f"{name:<22}{tokens:>5} {gmacs:7.3f} {ratio:6.3f}x {speed.images_per_s:7.1f} "
         f"[{speed.images_per_s_min:6.1f}-{speed.images_per_s_max:6.1f}] "
-        f"{speed.speedup:6.3f}x [{speed.speedup_min:5.3f}-{speed.speedup_max:5.3f}] {quotient:>7} "
+        f"{speed.speedup:6.3f}x [{speed.speedup_min:5.3f}-{speed.speedup_max:5.3f}] {quotient:>7}{bounds} "
         f"{speed.latency_ms:8.2f} {speed.peak_mib:8.1f}  {verdict}"
     )
     return line, (None if target is None else figure - target)
+
+
+class _Bound(torch.nn.Module):
+    """Plain timm blocks on a reducer's static token counts, tokens cut by one slice: the reduction's
+    MACs saved with none of its own cost (the same weights as the plain model)."""
+
+    def __init__(self, plain: torch.nn.Module, plan: TokenPlan) -> None:
+        super().__init__()
+        self.m, self.plan = plain, plan
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        m = self.m
+        t = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+        for blk, n_attn, n_mlp in zip(m.blocks, self.plan.attn_tokens, self.plan.mlp_tokens):
+            t = t[:, :n_attn]
+            a = (t + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(t)))))[:, :n_mlp]
+            t = a + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(a))))
+        return m.forward_head(m.norm(t))
 
 
 def _official_tome(plain: torch.nn.Module, folder: str, r: int) -> torch.nn.Module:
@@ -137,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--official-tome", default=os.environ.get("IPBENCH_OFFICIAL_TOME"), metavar="DIR",
                         help="a checkout of facebookresearch/ToMe: time its timm patch beside ipbench's ToMe")
     parser.add_argument("--official-r", type=int, default=13, help="r of the official patch (and tome:r=...)")
+    parser.add_argument("--bounds", action="store_true",
+                        help="also time each reducer's zero-overhead bound (plain blocks on its token counts)")
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--data", default=None, help="image folder (default: ../shared/data/nips17-dev)")
     args = parser.parse_args(argv)
@@ -159,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         models[OFFICIAL] = _official_tome(plain, args.official_tome, args.official_r)
         tokens[OFFICIAL], gmacs[OFFICIAL] = tokens[ours], gmacs[ours]  # the same merges: checked in tests
 
+    if args.bounds:  # static plans only: an image-adaptive reducer (ATS) has no one token schedule
+        for spec in specs:
+            if not models[spec]._ipb.policy.adaptive:
+                models[BOUND + spec] = _Bound(plain, token_plan(models[spec]))
+
     missed = []
     for size in sizes:
         batch = images[:size] if len(images) >= size else images.repeat(-(-size // len(images)), 1, 1, 1)[:size]
@@ -168,9 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         speeds = measure_throughput(models, batch, baseline=PLAIN, repeats=args.repeats,
                                     min_seconds=args.min_seconds, warmup=args.warmup, progress=_progress)
         print(f"{'config':<22}{'tok':>5} {'GMACs':>7} {'ratio':>7} {'img/s':>7} {'[min-max]':>15} "
-              f"{'speed-up':>7} {'[min-max]':>13} {'sp/ratio':>8} {'lat. ms':>8} {'peak MiB':>8}  target")
+              f"{'speed-up':>7} {'[min-max]':>13} {'sp/ratio':>8} {'bnd/ratio':>9} {'sp/bound':>8} "
+              f"{'lat. ms':>8} {'peak MiB':>8}  target")
         for name, model_speed in speeds.items():
-            line, margin = _row(name, tokens[name], gmacs[name], gmacs[PLAIN] / gmacs[name], model_speed)
+            if name.startswith(BOUND):
+                continue
+            line, margin = _row(name, tokens[name], gmacs[name], gmacs[PLAIN] / gmacs[name], model_speed,
+                                speeds.get(BOUND + name))
             print(line)
             if margin is not None and margin < 0:
                 missed.append(f"{name} at batch {size}")
