@@ -86,9 +86,10 @@ class _Files(Dataset):
         path, label = self.items[i]
         try:
             with Image.open(path) as im:
-                return self.transform(to_rgb(im)), label, ""
+                rgb = to_rgb(im)  # decoded here (convert loads the pixels)
         except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError... for broken files
             return None, label, f"cannot read image {path}: {_one_line(exc)}"
+        return self.transform(rgb), label, ""  # outside: a failing transform is a bug, not a bad file
 
 
 class _Synthetic(Dataset):

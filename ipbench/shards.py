@@ -57,9 +57,10 @@ class TarImages(Dataset):
                 f = self._open[member.tar] = member.tar.open("rb")
             f.seek(member.offset)
             with Image.open(io.BytesIO(f.read(member.size))) as im:
-                return self.transform(to_rgb(im)), label, ""
+                rgb = to_rgb(im)
         except Exception as exc:  # as for files: a broken sample is reported, not raised
             return None, label, f"cannot read image {member.tar}:{member.name}: {one_line(exc)}"
+        return self.transform(rgb), label, ""  # a failing transform is a bug, not a bad sample
 
 
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")

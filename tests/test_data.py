@@ -128,3 +128,17 @@ def test_folder_errors_name_the_problem(tmp_path: Path, small_folder: Path) -> N
     shutil.copytree(small_folder / "n01443537", small_folder / "cats")
     with pytest.raises(UserError, match="unknown wnid folder .*cats"):
         open_source(str(small_folder), DEIT_CFG)
+
+
+def test_a_failing_transform_is_a_bug_not_an_unreadable_image() -> None:
+    """Only decoding is caught (a broken file is bad input); an exception in the transform is a bug and
+    must show itself, not pass as 'cannot read image'."""
+    from ipbench.data import SAMPLE_FOLDER, _Files
+
+    path = next(SAMPLE_FOLDER.glob("*/*.jpg"))
+
+    def broken(_: object) -> object:
+        raise ZeroDivisionError("transform bug")
+
+    with pytest.raises(ZeroDivisionError, match="transform bug"):
+        _Files([(path, 0)], broken)[0]
