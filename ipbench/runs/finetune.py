@@ -348,10 +348,12 @@ def run_finetune(spec: RunSpec, policy: Policy, recipe: Recipe, out: Path, val: 
                     losses, interval_start, interval_seen = [], time.perf_counter(), seen
                 if done:
                     epoch, step_in_epoch = epoch + 1, 0
+                paused = time.perf_counter()
                 if done or stopping or finished or (schedule.save_every and update % schedule.save_every == 0):
                     checkpoint()
                 if done:
                     validate(epoch - 1)
+                interval_start += time.perf_counter() - paused  # images/s counts training time only
                 if stopping:
                     outcome.steps, outcome.stopped = update, True
                     progress.log(f"stopped at step {update}: checkpoint saved in {out / CHECKPOINT}; run the same "
