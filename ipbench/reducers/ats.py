@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ipbench.reducers.engine import Evidence, TokenState
 from ipbench.reducers.knobs import KEEP_RATE
-from ipbench.reducers.matching import cached_arange, false_first
+from ipbench.reducers.matching import false_first, positions
 from ipbench.reducers.policy import Param, Policy
 from ipbench.reducers.spec import register
 
@@ -94,6 +94,6 @@ class ATS(Policy):
         p = st.n_prefix
         real = st.valid[:, p:] if st.valid is not None else torch.ones_like(ev.vnorm[:, p:], dtype=torch.bool)
         idx, valid = inverse_transform_picks(ev.cls_attn[:, p:] * ev.vnorm[:, p:], real, self._k)
-        prefix = cached_arange(0, p, 1, x.device).expand(x.shape[0], -1)
+        prefix = positions(p, x.shape[0], x.device)
         keep = torch.cat([prefix, idx + p], dim=1)
         return st.keep_ragged(x, keep, torch.cat([torch.ones_like(prefix, dtype=torch.bool), valid], dim=1))

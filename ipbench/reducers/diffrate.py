@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ipbench.errors import UserError
 from ipbench.reducers.engine import Evidence, TokenState
 from ipbench.reducers.knobs import CostMatched
-from ipbench.reducers.matching import cached_arange, nearest_match, rank_tokens
+from ipbench.reducers.matching import nearest_match, positions, rank_tokens
 from ipbench.reducers.policy import Param, Policy
 from ipbench.reducers.spec import register
 from ipbench.reducers.trace import record_merge
@@ -165,7 +165,7 @@ class DiffRate(Policy):
         if merged >= n:
             return x
         order = rank_tokens(ev.cls_attn, p)
-        prefix = cached_arange(0, p, 1, x.device).expand(x.shape[0], -1)
+        prefix = positions(p, x.shape[0], x.device)
         if merged == kept:
             return st.keep(x, torch.cat([prefix, order[:, :kept - p]], dim=1))
         dst = torch.cat([prefix, order[:, :merged - p]], dim=1)

@@ -53,6 +53,11 @@ def cached_arange(start: int, end: int, step: int, device: torch.device) -> Tens
     return t
 
 
+def positions(n: int, bsz: int, device: torch.device) -> Tensor:
+    """[B, n] token positions 0..n-1 for every image (the prefix every keep-list starts with)."""
+    return cached_arange(0, n, 1, device).expand(bsz, -1)
+
+
 _ROWS_FROM = 16  # channels from which whole rows are copied instead of gathered element by element
 
 
@@ -136,7 +141,7 @@ def alternate_plan(metric: Tensor, r: int, n_prefix: int) -> MergePlan:
     src, dst_b, unm = match_sets(m[:, a0::2], m[:, b0::2], r)
     dev = metric.device
     a_pos = cached_arange(a0, n, 2, dev).expand(bsz, -1)
-    keep = torch.cat([cached_arange(0, n_prefix, 1, dev).expand(bsz, -1), a_pos.gather(1, unm),
+    keep = torch.cat([positions(n_prefix, bsz, dev), a_pos.gather(1, unm),
                       cached_arange(b0, n, 2, dev).expand(bsz, -1)], dim=1)
     return MergePlan(keep=keep, src=a_pos.gather(1, src), dst=dst_b + (n_prefix + unm.shape[1]))
 
@@ -148,7 +153,7 @@ def rank_tokens(score: Tensor, n_prefix: int) -> Tensor:
 
 def keep_plan(order: Tensor, n_keep: int, n_prefix: int) -> tuple[Tensor, Tensor]:
     """Split a ranking into (kept indices with the prefix in front, dropped indices)."""
-    prefix = cached_arange(0, n_prefix, 1, order.device).expand(order.shape[0], -1)
+    prefix = positions(n_prefix, order.shape[0], order.device)
     return torch.cat([prefix, order[:, :n_keep]], dim=1), order[:, n_keep:]
 
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from ipbench.errors import UserError
 from ipbench.reducers.engine import Evidence, TokenState
 from ipbench.reducers.knobs import CostMatched, ratio_grid
-from ipbench.reducers.matching import MergePlan, bipartite_match, cached_arange, gather_tokens
+from ipbench.reducers.matching import MergePlan, bipartite_match, gather_tokens, positions
 from ipbench.reducers.policy import Param, Policy
 from ipbench.reducers.spec import register
 from ipbench.reducers.trace import record_merge
@@ -39,7 +39,7 @@ def protected_plan(keys: Tensor, order: Tensor, r: int, n_prefix: int) -> MergeP
     a, b, protected = order[:, : 2 * r : 2], order[:, 1 : 2 * r : 2], order[:, 2 * r :]
     k = keys / keys.norm(dim=-1, keepdim=True)
     dst_b = (gather_tokens(k, a) @ gather_tokens(k, b).transpose(1, 2)).argmax(dim=-1)
-    prefix = cached_arange(0, n_prefix, 1, keys.device).expand(bsz, -1)
+    prefix = positions(n_prefix, bsz, keys.device)
     keep = torch.cat([prefix, protected, b], dim=1)
     return MergePlan(keep=keep, src=a, dst=dst_b + (n_prefix + protected.shape[1]))
 
@@ -49,7 +49,7 @@ def sorted_bipartite_plan(keys: Tensor, order: Tensor, r: int, n_prefix: int) ->
     bsz = order.shape[0]
     a, b = order[:, 0::2], order[:, 1::2]
     src, dst_b, unm = bipartite_match(keys, a, b, r)
-    prefix = cached_arange(0, n_prefix, 1, keys.device).expand(bsz, -1)
+    prefix = positions(n_prefix, bsz, keys.device)
     keep = torch.cat([prefix, a.gather(1, unm), b], dim=1)
     return MergePlan(keep=keep, src=a.gather(1, src), dst=dst_b + (n_prefix + unm.shape[1]))
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from ipbench.errors import UserError
 from ipbench.reducers.engine import Evidence, TokenState
 from ipbench.reducers.knobs import KEEP_RATE
-from ipbench.reducers.matching import cached_arange, gather_tokens, remaining
+from ipbench.reducers.matching import gather_tokens, positions, remaining
 from ipbench.reducers.policy import Param, Policy, keep_count
 from ipbench.reducers.spec import register
 
@@ -128,7 +128,7 @@ class ZeroTPrune(Policy):
         if r_s + r_i <= 0:
             return x
         attn = ev.attn.float()
-        keep = cached_arange(0, n, 1, x.device).expand(x.shape[0], -1)
+        keep = positions(n, x.shape[0], x.device)
         if r_s > 0:  # I'-stage ranking (one step), then the S-stage on the less important half
             order = self._scores(attn, 1)[:, p:].argsort(dim=-1, descending=True) + p
             half = (n - p) // 2
