@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -148,16 +148,23 @@ class DataSource:
         dataset = Subset(self.dataset, self.part) if self.part is not None else self.dataset
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
                             num_workers=max(0, workers), collate_fn=collate)
-        for images, labels, errors in loader:
-            if errors:
-                if not self.skip_bad:
-                    raise UserError(f"{errors[0]} (use --skip-bad to skip unreadable images)")
-                self.skipped.extend(errors)
-            if images is not None:
-                yield images, labels
+        yield from readable(loader, self.skip_bad, self.skipped)
 
 
-def _subset(items: list[Any], limit: int | None) -> list[Any]:
+def readable(loader: Iterable[tuple[Tensor | None, Tensor, list[str]]], skip_bad: bool, skipped: list[str]
+             ) -> Iterator[tuple[Tensor, Tensor]]:
+    """The batches of a loader that collates with `collate`: the first unreadable image is a
+    UserError, or with `skip_bad` its message goes to `skipped` and the batch keeps the others."""
+    for images, labels, errors in loader:
+        if errors:
+            if not skip_bad:
+                raise UserError(f"{errors[0]} (use --skip-bad to skip unreadable images)")
+            skipped.extend(errors)
+        if images is not None:
+            yield images, labels
+
+
+def evenly_spaced(items: list[Any], limit: int | None) -> list[Any]:
     """Deterministic `limit` items evenly spaced over the fixed order (so stratified over classes)."""
     if limit is None or limit >= len(items):
         return items
@@ -239,7 +246,7 @@ def open_source(spec: str, model_or_cfg: nn.Module | dict[str, Any], limit: int 
     if shards.is_shards(spec):
         paths = shards.shard_paths(spec)
         wnids = imagenet_wnids()
-        tar_items = _subset(shards.tar_items(paths, lambda text, where: _parse_label(text, wnids, where)), limit)
+        tar_items = evenly_spaced(shards.tar_items(paths, lambda text, where: _parse_label(text, wnids, where)), limit)
         where = str(paths[0].resolve()) if len(paths) == 1 else f"{paths[0].resolve()} .. {paths[-1].name}"
         return DataSource(name="shards", path=where, num_images=len(tar_items), has_labels=True,
                           dataset=shards.TarImages(tar_items, uint8_transform(cfg)),
@@ -254,7 +261,7 @@ def open_source(spec: str, model_or_cfg: nn.Module | dict[str, Any], limit: int 
     else:
         raise UserError(f"unsupported data source {spec}: expected a folder of wnid sub-folders, "
                         "a .csv with columns file,label, tar shards (val-{000000..000063}.tar) or 'synthetic'")
-    items = _subset(items, limit)
+    items = evenly_spaced(items, limit)
     return DataSource(name=kind, path=str(path.resolve()), num_images=len(items), has_labels=True,
                       dataset=_Files(items, uint8_transform(cfg)), max_label=max(label for _, label in items),
                       **common)

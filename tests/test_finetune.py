@@ -218,6 +218,7 @@ def test_the_stem_fit_lowers_its_error() -> None:
     (["--distill", "teacher"], "unknown --distill 'teacher'; valid: none, kd"),
     (["--opt", "adamw9"], "unknown --opt 'adamw9'"),
     (["--drop-path", "1.5"], "--drop-path must be in [0, 1)"),
+    (["--distill-alpha", "1.5"], "--distill-alpha must be in [0, 1], got 1.5"),
     (["--holdout", "100"], "--holdout 100: must be between 1 and 99"),
     (["--batch-size", "7"], "mixup/CutMix pair the images of a micro-batch, so it must be even; it is 7"),
     (["--config", "nope.toml"], "--config nope.toml: no such file"),

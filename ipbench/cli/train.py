@@ -39,7 +39,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 @app.command("finetune")
 @handle_errors
-@run_options(batch_size=64)
+@run_options()
 def finetune_cmd(
     ctx: typer.Context,
     run: RunSpec,
@@ -117,8 +117,7 @@ def finetune_cmd(
     from ipbench.runs.finetune import run_finetune
     from ipbench.runs.training import Recipe, Schedule
 
-    values: dict[str, Any] = dict(ctx.params)
-    values.update(reducer=reducer, val=val, holdout=holdout, out=out, force=force, batch_size=batch_size)
+    values: dict[str, Any] = dict(ctx.params)  # every option by name (the ones below among them)
     if config is not None:
         table = _read_config(config)
         known = set(ctx.params) - {"config"}

@@ -10,6 +10,7 @@ knows what it already has.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import platform
 from dataclasses import dataclass, field
@@ -133,6 +134,17 @@ class RunContext:
         return x.to(resolve_dtype(self.spec.model_dtype))
 
     # -- images --------------------------------------------------------------------------
+    def on(self, source: DataSource) -> RunContext:
+        """This context on `source`, split over the ranks: this rank's contiguous shard of it, and
+        where that shard starts (exact once decoded: `decode` then counts the skipped ones)."""
+        world = self.world
+        if world.distributed:
+            if source.num_images < world.size:
+                raise UserError(f"{source.num_images} images for {world.size} processes: every rank needs at "
+                                "least one image (fewer processes, or more images)")
+            source = source.sharded(world.shard(source.num_images))
+        return dataclasses.replace(self, source=source, offset=source.part.start if source.part is not None else 0)
+
     def fits_in_memory(self, max_bytes: int) -> bool:
         """Whether the largest rank's share of the images fits in `max_bytes` (the same answer on
         every rank)."""
@@ -250,15 +262,9 @@ def open_run(spec: RunSpec, source_limit: int | None = None, shard: bool = True,
         weights, sha, checkpoint = "random", "", f"random:{timm_name}"
     limit = source_limit if source_limit is not None else spec.limit
     source = open_source(spec.data, net, limit=limit, skip_bad=spec.skip_bad, seed=spec.seed)
-    if world.distributed and shard:
-        if source_limit is not None:
-            raise UserError("this command measures a few images in one process: run it without torchrun "
-                            "(under torchrun, eval, sweep and the analyses split the images over the ranks)")
-        if source.num_images < world.size:
-            raise UserError(f"{source.num_images} images for {world.size} processes: every rank needs at "
-                            "least one image (fewer processes, or more images)")
-        source = source.sharded(world.shard(source.num_images))
-    # where this rank's images start (exact once decoded: `decode` then counts the skipped ones)
-    offset = source.part.start if source.part is not None else 0
-    return RunContext(spec=spec, net=net, model=timm_name, weights=weights, checkpoint=checkpoint, sha256=sha,
-                      source=source, threads=torch.get_num_threads(), world=world, device=device, offset=offset)
+    if world.distributed and shard and source_limit is not None:
+        raise UserError("this command measures a few images in one process: run it without torchrun "
+                        "(under torchrun, eval, sweep and the analyses split the images over the ranks)")
+    ctx = RunContext(spec=spec, net=net, model=timm_name, weights=weights, checkpoint=checkpoint, sha256=sha,
+                     source=source, threads=torch.get_num_threads(), world=world, device=device)
+    return ctx.on(source) if shard else ctx

@@ -25,7 +25,6 @@ What makes a run trustworthy:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import shutil
 import time
@@ -77,17 +76,6 @@ class FinetuneOutcome:
     stem_fit: StemFit | None = None
     stopped: bool = False  # stopped by Ctrl-C (a checkpoint was saved)
     notes: list[str] = field(default_factory=list)
-
-
-def _val_context(ctx: RunContext, source: DataSource) -> RunContext:
-    """A context whose source is this rank's contiguous shard of the validation images."""
-    world = ctx.world
-    if world.distributed:
-        if source.num_images < world.size:
-            raise UserError(f"{source.num_images} validation images for {world.size} processes")
-        source = source.sharded(world.shard(source.num_images))
-    offset = source.part.start if source.part is not None else 0
-    return dataclasses.replace(ctx, source=source, offset=offset)
 
 
 def _identity(ctx: RunContext, policy: Policy, recipe: Recipe, val: str, stem: str,
@@ -254,7 +242,7 @@ def run_finetune(spec: RunSpec, policy: Policy, recipe: Recipe, out: Path, val: 
     classes = int(getattr(net, "num_classes", 0) or 0)
     trainer = Trainer(ctx=ctx, net=net, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                        ema=ema, mixup=mixup(recipe, classes, micro), criterion=criterion(recipe), teacher=teacher,
-                       recipe=recipe, micro=micro)
+                       recipe=recipe)
 
     epoch, step_in_epoch, update, seen = 0, 0, 0, 0
     seed_everything(spec.seed * 1_000 + world.rank)  # dropout, drop-path, mixup: each rank its own draws
@@ -291,7 +279,7 @@ def run_finetune(spec: RunSpec, policy: Policy, recipe: Recipe, out: Path, val: 
     val_data: tuple[Tensor, Tensor] | None = None
     val_ctx: RunContext | None = None
     if val_source is not None:
-        val_ctx = _val_context(ctx, val_source)
+        val_ctx = ctx.on(val_source)
         val_ctx.check_labels()
         rng = rng_state()  # decoding draws a DataLoader seed: keep the training draws where they are
         val_data = val_ctx.decode(progress, "validation images")
@@ -312,8 +300,8 @@ def run_finetune(spec: RunSpec, policy: Policy, recipe: Recipe, out: Path, val: 
         res, ema_res = raw.result, averaged.result
         r = row("val", at_epoch, update, images_seen=seen, lr=cell(trainer.lr, 8),
                 **accuracy_fields(res.correct1, res.correct5, res.total),
-                top1_ema=cell(_pct(ema_res.correct1, ema_res.total), 3) if ema is not None else "",
-                top5_ema=cell(_pct(ema_res.correct5, ema_res.total), 3) if ema is not None else "")
+                top1_ema=cell(ema_res.top1, 3) if ema is not None else "",
+                top5_ema=cell(ema_res.top5, 3) if ema is not None else "")
         when = "before training" if at_epoch < 0 else f"epoch {at_epoch + 1}"
         progress.row_written(f"{when}: top-1 {r['top1']} % (EMA {r['top1_ema'] or '-'} %), top-5 {r['top5']} %")
 
@@ -368,8 +356,3 @@ def run_finetune(spec: RunSpec, policy: Policy, recipe: Recipe, out: Path, val: 
                     break
     outcome.steps = update
     return outcome
-
-
-def _pct(correct: int, n: int) -> float | None:
-    return 100.0 * correct / n if n > 0 else None
-

@@ -69,9 +69,11 @@ class Recipe:
             value = getattr(self, name)
             if not value >= 0 or math.isinf(value):
                 raise UserError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
-        for name in ("drop_path", "smoothing", "reprob", "ema_decay", "distill_alpha"):
-            if not 0 <= getattr(self, name) < 1 + (name == "distill_alpha"):
+        for name in ("drop_path", "smoothing", "reprob", "ema_decay"):
+            if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.distill_alpha <= 1:
+            raise UserError(f"--distill-alpha must be in [0, 1], got {self.distill_alpha}")
         if self.warmup_epochs < 0 or self.stem_init_steps < 0:
             raise UserError("--warmup-epochs and --stem-init-steps must be >= 0")
         if self.stem not in STEMS:
@@ -137,7 +139,6 @@ class Trainer:
     criterion: Callable[[Tensor, Tensor], Tensor]
     teacher: nn.Module | None
     recipe: Recipe
-    micro: int  # images per rank per micro-batch
 
     def step(self, micro_batches: Iterator[tuple[Tensor, Tensor]], update: int) -> Tensor:
         """One optimizer step over `accum_steps` micro-batches; returns this rank's mean loss (detached)."""

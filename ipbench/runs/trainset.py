@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ipbench.data import DataSource, collate
+from ipbench.data import DataSource, collate, evenly_spaced, readable
 from ipbench.errors import UserError
 
 
@@ -23,7 +23,7 @@ def holdout(source: DataSource, n: int) -> tuple[DataSource, DataSource]:
     total = source.num_images
     if not 0 < n < total:
         raise UserError(f"--holdout {n}: must be between 1 and {total - 1} (the data has {total} images)")
-    held = [i * total // n for i in range(n)]
+    held = evenly_spaced(list(range(total)), n)
     rest = sorted(set(range(total)) - set(held))
     return _indexed(source, rest), _indexed(source, held)
 
@@ -126,8 +126,4 @@ def train_batches(dataset: SeededItems, indices: list[int], batch_size: int, wor
     has its own generator, so creating it draws nothing from torch's global one (exact resume)."""
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=max(0, workers),
                         collate_fn=collate, generator=torch.Generator())
-    for images, labels, errors in loader:
-        if errors and not skip_bad:
-            raise UserError(f"{errors[0]} (use --skip-bad to skip unreadable images)")
-        if images is not None:
-            yield images, labels
+    yield from readable(loader, skip_bad, [])

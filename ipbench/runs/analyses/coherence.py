@@ -21,7 +21,7 @@ from ipbench import models
 from ipbench.errors import UserError
 from ipbench.measure.accuracy import Result
 from ipbench.reducers import Policy, set_tracing
-from ipbench.reducers.imagepiece import checkpoint_has_conv_stem
+from ipbench.reducers.imagepiece import checkpoint_has_conv_stem, has_conv_stem
 from ipbench.reducers.trace import merged_pair_similarity
 from ipbench.results import COHERENCE_COLUMNS, accuracy_fields, cell
 from ipbench.runs.analyses import common
@@ -96,16 +96,16 @@ def variants(bases: list[Policy], localities: list[float], prune: bool, stem: bo
 
 def load_stem_model(spec: RunSpec, path: str, device: str) -> nn.Module:
     """A timm ViT whose patch embedding is ImagePiece's conv stem, with weights trained with it (at the
-    spec's --img-size, like the main model)."""
+    spec's --img-size, like the main model); the file is read once, by the strict load."""
     file = Path(path)
     if not file.is_file():
         raise UserError(f"--stem-checkpoint not found: {file}")
-    state = models._unwrap(models._read_state_dict(file), file)
-    if not checkpoint_has_conv_stem(state):
+    net = models.create_model(spec.model, str(file), device=device, img_size=spec.img_size,
+                              patch_size=spec.patch_size, adapt=fit_checkpoint)
+    if not has_conv_stem(net):
         raise UserError(f"--stem-checkpoint {file} has no conv-stem weights (patch_embed.proj.body.*): it must be "
                         "trained with ImagePiece's local-coherence stem (ipbench finetune --stem conv)")
-    return models.create_model(spec.model, str(file), device=device, img_size=spec.img_size,
-                               patch_size=spec.patch_size, adapt=fit_checkpoint)
+    return net
 
 
 def check_main_checkpoint(checkpoint: str | None) -> None:
