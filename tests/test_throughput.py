@@ -244,6 +244,15 @@ def test_peak_memory_of_a_forward_on_cpu():
     assert 3.0 <= footprint.peak_forward_mib(two_at_once, x) < 3.001
 
 
+def test_peak_memory_is_empty_where_inductor_code_ran_on_cpu():
+    # inductor's CPU buffers escape the profiler's memory record: a compiled forward would read ~0
+    def compiled_like(t: torch.Tensor) -> torch.Tensor:
+        with torch.profiler.record_function(f"{footprint.INDUCTOR_GRAPH} fxgraphkey ##"):
+            return (t * 2).sum()
+
+    assert math.isnan(footprint.peak_forward_mib(compiled_like, torch.zeros(256, 1024)))
+
+
 def test_the_attention_kernel_is_torch_own_choice():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
