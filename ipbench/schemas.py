@@ -27,6 +27,9 @@ SPEED_DETAIL_COLUMNS: list[str] = [
     "compile_mode",  # torch.compile's mode (empty without --compile)
     "compiled_graphs",  # graphs torch.compile made in the warm-up
     "recompiles",  # graphs it made later, in the timed rounds (should be 0: token counts are static)
+    "cuda",  # the CUDA runtime torch was built with (empty on CPU)
+    "cudnn",  # cuDNN's version, as torch.backends.cudnn.version() gives it (empty on CPU)
+    "driver",  # the NVIDIA driver's version (empty on CPU, or where /proc does not say)
 ]
 
 # Columns of results/eval.csv, in order (documented in the README).

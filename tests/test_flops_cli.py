@@ -81,6 +81,7 @@ def test_speed_at_several_batch_sizes_with_latency_memory_and_kernel(checkpoint_
         assert float(r["peak_mem_mib"]) > 0
         assert r["attention_backend"] in ("flash", "math", "efficient", "cudnn")
         assert (r["compile_mode"], r["compiled_graphs"], r["recompiles"]) == ("", "0", "0")
+        assert (r["cuda"], r["cudnn"], r["driver"]) == ("", "", "")  # the CPU uses none of them
         assert r["speedup_median"] == "1.0" if r["reducer"] == "none" else float(r["speedup_median"]) > 0
     # more images in a batch, more activation memory (the same model, the same kernel)
     assert float(rows[2]["peak_mem_mib"]) > float(rows[0]["peak_mem_mib"])

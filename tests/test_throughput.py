@@ -253,6 +253,24 @@ def test_peak_memory_is_empty_where_inductor_code_ran_on_cpu():
     assert math.isnan(footprint.peak_forward_mib(compiled_like, torch.zeros(256, 1024)))
 
 
+@pytest.mark.parametrize("line, version", [
+    ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.65.06  Sun Jul 27 07:09:29 UTC 2025", "580.65.06"),
+    ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.133.20  Release Build  (dvs-builder)", "570.133.20"),
+    ("something else entirely", ""),
+])
+def test_runtime_versions_on_cuda_name_the_driver(monkeypatch, tmp_path, line: str, version: str):
+    proc = tmp_path / "version"
+    proc.write_text(f"{line}\nGCC version:  gcc version 12.3.0\n")
+    monkeypatch.setattr(footprint, "NVIDIA_VERSION_FILE", str(proc))
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91002)
+    assert footprint.runtime_versions("cuda:1") == {"cuda": "12.8", "cudnn": "91002", "driver": version}
+    monkeypatch.setattr(footprint, "NVIDIA_VERSION_FILE", str(tmp_path / "absent"))
+    assert footprint.runtime_versions("cuda")["driver"] == ""
+    assert footprint.runtime_versions("cpu") == {"cuda": "", "cudnn": "", "driver": ""}
+
+
 def test_the_attention_kernel_is_torch_own_choice():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -248,6 +248,8 @@ def speed_cmd(
     caption = (f"batch {shown}: images from {rows[0]['data']}, {outcome.ctx.dtype}, "
                f"{rows[0]['threads']} thread(s), {repeats} rounds of >= {min_seconds:g} s; latency: one forward "
                "of the batch, median (p90); memory: peak a forward allocates (activations)")
+    if rows[0].get("cuda"):
+        caption += f"; CUDA {rows[0]['cuda']}, cuDNN {rows[0]['cudnn']}, driver {rows[0]['driver'] or 'unknown'}"
     wide_console().print(rows_table(rows, f"speed: {rows[0]['model']} on {rows[0]['device_name']}", caption,
                                     columns=("batch", "tokens", "analytic", "speed", "latency")))
     for note in outcome.notes:

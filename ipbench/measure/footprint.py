@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ MIB = 2**20
 
 # torch's SDPA backends (torch.nn.attention.SDPBackend) by the number `torch._fused_sdp_choice` returns
 _BACKENDS = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
+NVIDIA_VERSION_FILE = "/proc/driver/nvidia/version"  # the loaded kernel driver says its version here
 INDUCTOR_GRAPH = "## Call CompiledFxGraph"  # the profiler's event for a call of inductor's code
 NO_SDPA = "timm-eager"  # timm's attention without scaled_dot_product_attention (fused_attn off)
 
@@ -95,6 +97,28 @@ def attention_backends(model: Callable[[Tensor], Any], batch: Tensor) -> str:
     with _recording_sdpa(found):
         model(batch)
     return "+".join(dict.fromkeys(found)) or NO_SDPA
+
+
+def _nvidia_driver() -> str:
+    """The NVIDIA kernel driver's version (Linux: /proc/driver/nvidia/version), '' where unknown."""
+    import re
+
+    try:
+        text = Path(NVIDIA_VERSION_FILE).read_text()
+    except OSError:
+        return ""
+    found = re.search(r"Kernel Module(?: for \S+)?\s+([0-9][0-9.]*)", text)
+    return found.group(1) if found else ""
+
+
+def runtime_versions(device: str) -> dict[str, str]:
+    """The CUDA runtime torch was built with, cuDNN's version and the driver's, for a CUDA device
+    (a speed depends on them as much as on the GPU); empty strings on the CPU, which uses none."""
+    if not device.startswith("cuda"):
+        return {"cuda": "", "cudnn": "", "driver": ""}
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {"cuda": torch.version.cuda or "", "cudnn": "" if cudnn is None else str(cudnn),
+            "driver": _nvidia_driver()}
 
 
 def compile_count() -> int:

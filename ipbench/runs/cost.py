@@ -16,6 +16,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ipbench import results
+from ipbench.measure import footprint
 from ipbench.measure.flops import count_gmacs
 from ipbench.measure.throughput import SpeedProtocol, SpeedResult, measure_grouped
 from ipbench.reducers import Policy, reducible
@@ -75,7 +76,7 @@ def speed_fields(r: SpeedResult | None, protocol: SpeedProtocol) -> dict[str, An
         "latency_ms_median": results.cell(r.latency_ms, 3), "latency_ms_p90": results.cell(r.latency_ms_p90, 3),
         "peak_mem_mib": results.cell(r.peak_mib, 2), "attention_backend": r.attention,
         "compile_mode": protocol.compile_mode if protocol.compile else "",
-        "compiled_graphs": r.compiled_graphs, "recompiles": r.recompiles,
+        "compiled_graphs": r.compiled_graphs, "recompiles": r.recompiles, **footprint.runtime_versions(r.device),
     }
 
 
