@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from ipbench.measure import footprint, throughput
-from ipbench.measure.throughput import measure_throughput, resolve_dtype
+from ipbench.measure.throughput import SpeedResult, measure_throughput, resolve_dtype
 
 IMAGES = torch.zeros(4, 3, 2, 2)
 
@@ -308,3 +310,25 @@ def test_compile_count_sees_each_new_graph():
     assert footprint.compile_count() - start == 1
     g(torch.ones(5))  # a new shape with dynamic=False: a recompile
     assert footprint.compile_count() - start == 2
+
+
+def _rounds(name: str, seconds: list[float]) -> SpeedResult:
+    return SpeedResult(name=name, images_per_s=1.0, images_per_s_min=1.0, images_per_s_max=1.0, speedup=1.0,
+                       speedup_min=1.0, speedup_max=1.0, baseline="timm", round_seconds=tuple(seconds),
+                       round_ratios=(), batch_size=1, device="cpu", dtype="float32", threads=1, compiled=False)
+
+
+@pytest.mark.parametrize("official, ours, behind, said", [
+    ([1.0] * 7, [0.9] * 7, False, "(ok)"),  # faster in every round
+    ([1.0] * 7, [1.01] * 7, True, "slower in 7 of 7 rounds, sign test p = 0.008 (BEHIND)"),
+    # 0.4 % behind at the median, but the rounds on both sides: level, not a verdict
+    ([1.0] * 7, [1.004, 1.004, 1.004, 1.004, 0.99, 0.98, 0.99], False, "p = 0.500 (level"),
+])
+def test_bench_engine_says_behind_the_official_patch_only_where_the_rounds_do(official, ours, behind, said):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from bench_engine import head_to_head
+    finally:
+        sys.path.pop(0)
+    verdict, is_behind = head_to_head(_rounds("ours", ours), _rounds("official", official))
+    assert is_behind is behind and said in verdict
