@@ -8,7 +8,7 @@ import timm
 import torch
 
 from ipbench.errors import UserError
-from ipbench.reducers import apply_reducer, parse_spec, remove_reducer, token_plan
+from ipbench.reducers import apply_reducer, matching, parse_spec, remove_reducer, token_plan
 
 MODELS = [
     ("deit_tiny_patch16_224", {}),
@@ -263,3 +263,22 @@ def test_spec_is_canonical_and_roundtrips():
     assert parse_spec(p.spec).params == p.params
     assert parse_spec("topk:keep=0.7").spec == "topk:keep=0.7,layers=3,6,9"
     assert parse_spec("tome:r=13").params == {"r": [13], "prop_attn": True}
+
+
+@pytest.mark.parametrize("spec", ["tome:r=13", "imagepiece:keep=0.7", "evit:keep=0.7"])
+def test_compiled_reducer_compiles_once_with_its_timm_outputs(plain, spec):
+    """Token counts are static per configuration: one graph, no recompile on later calls (dynamo with
+    its eager backend: the tracing and the guards, without inductor's C++ build)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = apply_reducer(plain("deit_tiny_patch16_224", {}), parse_spec(spec))
+    x = torch.randn(1, 3, 224, 224)
+    compiled = torch.compile(model, backend="eager", dynamic=False)
+    matching._ARANGES.clear()  # as in a fresh process: nothing cached before the first trace
+    with torch.inference_mode():
+        start = counters["stats"]["unique_graphs"]
+        outs = [compiled(x) for _ in range(3)]
+        eager = model(x)
+    assert counters["stats"]["unique_graphs"] - start == 1
+    assert all(torch.equal(o, eager) for o in outs)

@@ -132,7 +132,7 @@ def _vit_attend(block: nn.Module, xn: Tensor, bias: Tensor | None, needs: frozen
     """timm's attention: computed inline for timm's own Attention class (`vit_attention`, the same
     ops), else the module itself runs with its qkv projection's output captured by a hook."""
     attn = block.attn
-    if type(attn) is timm_attention():
+    if block._ipb_inline:
         return vit_attention(attn, xn, bias, needs)
     a, captured, matrix = attention_with_evidence(attn, xn, bias, bool(needs & QKV_NEEDS), "attn" in needs)
     ev = qkv_evidence(attn, captured[0], bias, needs) if captured else Evidence()
@@ -146,6 +146,7 @@ class _PatchedBlock:
 
     _ipb: EngineState
     _ipb_layer: int
+    _ipb_inline: bool  # its attention is timm's own class: computed inline (`vit_attention`)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
@@ -293,7 +294,7 @@ def remove_reducer(model: nn.Module) -> nn.Module:
         return model
     for b in model.blocks:
         b.__class__ = b._ipb_base
-        del b._ipb, b._ipb_layer
+        del b._ipb, b._ipb_layer, b._ipb_inline
     model.__class__ = model._ipb_base
     del model._ipb
     return model
@@ -312,7 +313,8 @@ def apply_reducer(model: nn.Module, policy: Policy, tracing: bool = False) -> nn
                       tracing=tracing, family=family, importance=policy.importance(has_class_token(model)))
     for i, b in enumerate(model.blocks):
         b.__class__ = _patched_class(type(b), _BLOCK_MIXINS[family])
-        b._ipb, b._ipb_layer = eng, i
+        # decided here, once: the class check in each block's forward made torch.compile warn
+        b._ipb, b._ipb_layer, b._ipb_inline = eng, i, type(b.attn) is timm_attention()
     model.__class__ = _patched_class(type(model), _MODEL_MIXINS[family])
     model._ipb = eng
     return model

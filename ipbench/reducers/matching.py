@@ -44,7 +44,10 @@ _ARANGES: dict[tuple[int, int, int, torch.device], Tensor] = {}
 def cached_arange(start: int, end: int, step: int, device: torch.device) -> Tensor:
     """torch.arange(start, end, step) made once per device and kept: a forward asks for the same
     few index ranges in every block. Made outside inference mode, so that a training forward may
-    use it too."""
+    use it too. Under torch.compile a plain arange (a constant of the graph): a cache filled while
+    tracing fails dynamo's guard on the next call and the whole model compiles again."""
+    if torch.compiler.is_compiling():
+        return torch.arange(start, end, step, device=device)
     key = (start, end, step, device)
     t = _ARANGES.get(key)
     if t is None:
