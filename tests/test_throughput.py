@@ -332,3 +332,17 @@ def test_bench_engine_says_behind_the_official_patch_only_where_the_rounds_do(of
         sys.path.pop(0)
     verdict, is_behind = head_to_head(_rounds("ours", ours), _rounds("official", official))
     assert is_behind is behind and said in verdict
+
+
+def test_cpu_peak_memory_leaves_stderr_clean():
+    """The profiler behind the CPU figure must not print kineto's own log lines to a user's terminal."""
+    import os
+    import subprocess
+
+    code = ("import torch\nfrom ipbench.measure.footprint import peak_forward_mib\n"
+            "print(peak_forward_mib(lambda t: (t * 2).sum(), torch.zeros(256, 1024)))")
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert 1.0 <= float(done.stdout) < 1.001
+    assert "USDT" not in done.stderr and "profiler_start" not in done.stderr, done.stderr

@@ -7,6 +7,7 @@ Each is measured in a forward of its own, outside the timed calls, so none of it
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ MIB = 2**20
 
 # torch's SDPA backends (torch.nn.attention.SDPBackend) by the number `torch._fused_sdp_choice` returns
 _BACKENDS = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
+KINETO_QUIET = "6"  # above kineto's ERROR level: nothing of its own logging reaches stderr
 NVIDIA_VERSION_FILE = "/proc/driver/nvidia/version"  # the loaded kernel driver says its version here
 INDUCTOR_GRAPH = "## Call CompiledFxGraph"  # the profiler's event for a call of inductor's code
 NO_SDPA = "timm-eager"  # timm's attention without scaled_dot_product_attention (fused_attn off)
@@ -43,6 +45,10 @@ def peak_forward_mib(model: Callable[[Tensor], Any], batch: Tensor) -> float:
         return (torch.cuda.max_memory_allocated(batch.device) - before) / MIB
     from torch.profiler import ProfilerActivity, profile
 
+    # kineto, which the profiler starts on first use, otherwise prints "USDT ... profiler_start/stop"
+    # and, on a CUDA build without a GPU, "gpuGetDeviceCount failed" to stderr; a level set by the
+    # user wins
+    os.environ.setdefault("KINETO_LOG_LEVEL", KINETO_QUIET)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model(batch)
     changes = []
