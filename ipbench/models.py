@@ -109,6 +109,24 @@ def create_model(name: str, checkpoint: str | None, device: str = "cpu", pretrai
     return model.to(device).eval()
 
 
+TRAINED_WITH = "ipbench.trained_with"  # safetensors metadata: the reducer a fine-tune trained the weights with
+
+
+def trained_with(path: str | os.PathLike) -> str:
+    """The reducer spec `ipbench finetune` trained this checkpoint's weights with (written in the
+    safetensors metadata), '' for any other weights: rows must not call those numbers training-free."""
+    file = Path(path)
+    if file.suffix != ".safetensors":
+        return ""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return (f.metadata() or {}).get(TRAINED_WITH, "")
+    except Exception:  # unreadable: the strict load says so, with the file's name
+        return ""
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":

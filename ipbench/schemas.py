@@ -47,6 +47,7 @@ EVAL_COLUMNS: list[str] = [
     "reducer_params",
     "reducer_label",  # the short label tables and plots show (knob and parameters off their defaults)
     "training_free",
+    "trained_with",  # the reducer `ipbench finetune` trained the checkpoint with; empty: off-the-shelf
     "tokens_per_layer",
     "final_tokens",
     *ACCURACY_COLUMNS,
@@ -83,6 +84,7 @@ SWEEP_COLUMNS: list[str] = [
     "keep_rate",  # the sweep's nominal keep rate this row stands for (empty for the baseline)
     "gmacs_budget",  # --match-gmacs target, empty otherwise
     "training_free",
+    "trained_with",  # the reducer `ipbench finetune` trained the checkpoint with; empty: off-the-shelf
     "tokens_per_layer",  # tokens after each block, space separated
     "final_tokens",
     "gmacs",  # fvcore GMACs per image (fused attention counted)
@@ -131,6 +133,7 @@ _ANALYSIS_HEAD: list[str] = [
     "reducer_label",
     "reducer_line",
     "training_free",
+    "trained_with",  # the reducer `ipbench finetune` trained the checkpoint with; empty: off-the-shelf
     "tokens_per_layer",
     "final_tokens",
 ]
@@ -282,4 +285,5 @@ SENSITIVITY_COLUMNS: list[str] = [
     "config_key",  # <axis>/<the key of the OUT/sensitivity/<variant>/sweep.csv row it comes from>
 ]
 
-ADDED_COLUMNS: frozenset[str] = frozenset({*ACCURACY_INTERVAL_COLUMNS, *SPEED_DETAIL_COLUMNS, "score"})
+ADDED_COLUMNS: frozenset[str] = frozenset({*ACCURACY_INTERVAL_COLUMNS, *SPEED_DETAIL_COLUMNS, "score",
+                                         "trained_with"})

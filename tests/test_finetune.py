@@ -65,6 +65,12 @@ def test_loss_falls_and_the_checkpoint_evaluates(tmp_path: Path, checkpoint_path
     evaluated = invoke(["eval", "--checkpoint", str(weights), "--reducer", "tome:r=2", "--out", str(tmp_path / "ev"),
                         *SMALL, "--limit", "24"])
     assert evaluated.exit_code == 0, evaluated.output
+    # the row says the weights were trained with the reducer: not a training-free number
+    (row,) = rows(tmp_path / "ev" / "eval.csv")
+    assert row["trained_with"] == "tome:r=2,prop_attn=true" and row["training_free"] == "True"
+    plain = invoke(["eval", "--checkpoint", str(checkpoint_path), "--out", str(tmp_path / "ev0"), *SMALL,
+                    "--limit", "4"])
+    assert plain.exit_code == 0 and rows(tmp_path / "ev0" / "eval.csv")[0]["trained_with"] == ""
     trained = load_file(str(weights))
     start = load_file(str(checkpoint_path))
     assert not torch.equal(trained["blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"])
@@ -197,6 +203,8 @@ def test_the_conv_stem_is_fitted_and_loads_in_eval_and_coherence(tmp_path: Path,
     co = rows(tmp_path / "co" / "coherence.csv")
     assert [r["stem"] for r in co] == ["patch", "conv"]
     assert co[1]["sim_metric_first"] != ""
+    assert "stem=conv rows run the --stem-checkpoint, trained with the stem (not training-free)" in " ".join(
+        coherence.output.split())
 
 
 def test_the_stem_fit_lowers_its_error() -> None:

@@ -319,7 +319,9 @@ def _coherence_table(out: Outcome) -> None:
         ["imagepiece", "locality λ", "retok", "stem", "top-1 %", "GMACs", "sim metric (first block)",
          "sim metric (all)", "sim hidden (all)"],
         "sim: mean cosine of the merged pairs (retok=prune: of the pairs that were dropped instead) on the matching "
-        f"metric and on hidden states. {where}.\n" + _training_free(model))
+        f"metric and on hidden states. {where}.\n" + _training_free(model)
+        + ("; the stem=conv rows run the --stem-checkpoint, trained with the stem (not training-free)"
+           if any(str(r.get("stem")) == "conv" for r in out.rows) else ""))
 
     def num(r: dict[str, Any], col: str, fmt: str) -> str:
         return "-" if r.get(col, "") == "" else format(float(r[col]), fmt)

@@ -311,8 +311,9 @@ def hardware_summary(df: pd.DataFrame) -> str:
 
 
 def training_note(df: pd.DataFrame) -> str:
+    """'training-free' where every row's reducer is and no row ran weights fine-tuned with one."""
     vals = {v.lower() for v in _values(df, "training_free")}
-    if vals and vals <= {"true", "1", "1.0"}:
+    if vals and vals <= {"true", "1", "1.0"} and not _values(df, "trained_with"):
         return "training-free"
     return ""
 

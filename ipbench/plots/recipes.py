@@ -295,7 +295,7 @@ def compare(recipe: Recipe, cmp: Compare, folder: Path, run_model: str | None, c
     and `resolve_name` turns a model alias into its timm name (the command line passes the engine's
     functions; this module never imports it).
     """
-    from ipbench.plots.frames import data_name, hardware_summary
+    from ipbench.plots.frames import data_name, hardware_summary, training_note
     from ipbench.results import read_rows
 
     resolve_name = resolve_name or str
@@ -346,7 +346,8 @@ def compare(recipe: Recipe, cmp: Compare, folder: Path, run_model: str | None, c
         images = "/".join(str(int(float(n))) for n in dict.fromkeys(df.get("num_images", [])) if str(n) != "")
         hw = hardware_summary(df)
         header.append(f"here: {model or ', '.join(map(str, df.get('model', [])))} · {datas} · {images} images"
-                      f"{' · ' + hw if hw else ''} · training-free (off-the-shelf weights)")
+                      f"{' · ' + hw if hw else ''} · "
+                      f"{'training-free (off-the-shelf weights)' if training_note(df) else 'weights fine-tuned here'}")
     return Comparison(title=cmp.title or recipe.title, header=header, columns=columns, cells=cells,
                       footnotes=footnotes)
 

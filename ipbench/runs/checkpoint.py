@@ -65,17 +65,19 @@ def _tensors(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
 
 
-def save_checkpoint(out: Path, model: nn.Module, ema: nn.Module | None, state: dict[str, Any]) -> Path:
+def save_checkpoint(out: Path, model: nn.Module, ema: nn.Module | None, state: dict[str, Any],
+                    metadata: dict[str, str] | None = None) -> Path:
     """Write OUT/checkpoint/ whole: into checkpoint.tmp, then two renames (the old one aside, the new
-    one in place), so a crash at any moment leaves one complete checkpoint."""
+    one in place), so a crash at any moment leaves one complete checkpoint. `metadata` goes into both
+    weight files' safetensors headers (`models.TRAINED_WITH`)."""
     from safetensors.torch import save_file
 
     final, tmp, old = out / CHECKPOINT, out / f"{CHECKPOINT}.tmp", out / f"{CHECKPOINT}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_tensors(model), str(tmp / MODEL_FILE))
+    save_file(_tensors(model), str(tmp / MODEL_FILE), metadata=metadata)
     if ema is not None:
-        save_file(_tensors(ema), str(tmp / EMA_FILE))
+        save_file(_tensors(ema), str(tmp / EMA_FILE), metadata=metadata)
     torch.save(state, tmp / STATE_FILE)
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():

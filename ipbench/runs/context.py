@@ -117,6 +117,7 @@ class RunContext:
     offset: int = 0  # position of this rank's first decoded image among all decoded images
     kept: int | None = None  # decoded images over every rank (after a decode)
     skipped: list[str] = field(default_factory=list)  # unreadable images of the last pass, every rank
+    trained_with: str = ""  # the reducer `ipbench finetune` trained the checkpoint with ('' otherwise)
 
     # -- precision -----------------------------------------------------------------------
     @property
@@ -204,7 +205,8 @@ class RunContext:
         return {
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "model": self.model, "checkpoint": self.checkpoint, "checkpoint_sha256": self.sha256[:16],
-            "weights": self.weights, "data": self.source.path, "num_images": self.source.num_images,
+            "weights": self.weights, "trained_with": self.trained_with, "data": self.source.path,
+            "num_images": self.source.num_images,
             "device": s.device, "device_name": device_name(self.device), "dtype": self.dtype,
             "amp_dtype": s.amp_dtype, "model_dtype": s.model_dtype, "batch_size": s.batch_size,
             "threads": self.threads, "seed": s.seed,
@@ -266,5 +268,6 @@ def open_run(spec: RunSpec, source_limit: int | None = None, shard: bool = True,
         raise UserError("this command measures a few images in one process: run it without torchrun "
                         "(under torchrun, eval, sweep and the analyses split the images over the ranks)")
     ctx = RunContext(spec=spec, net=net, model=timm_name, weights=weights, checkpoint=checkpoint, sha256=sha,
-                     source=source, threads=torch.get_num_threads(), world=world, device=device)
+                     source=source, threads=torch.get_num_threads(), world=world, device=device,
+                     trained_with=models.trained_with(spec.checkpoint) if spec.checkpoint is not None else "")
     return ctx.on(source) if shard else ctx

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ipbench import results
+from ipbench import models, results
 from ipbench.data import DataSource, batched, data_config, open_source
 from ipbench.errors import UserError
 from ipbench.reducers import Policy, apply_reducer, check_fits
@@ -273,7 +273,8 @@ def run_finetune(spec: RunSpec, policy: Policy, recipe: Recipe, out: Path, val: 
     def checkpoint() -> None:
         rngs = world.gather(rng_state())
         if world.main:
-            save_checkpoint(out, net, ema.module if ema is not None else None, {**state(), "rng": rngs})
+            save_checkpoint(out, net, ema.module if ema is not None else None, {**state(), "rng": rngs},
+                            {models.TRAINED_WITH: policy.spec})
         world.gather(None)
 
     val_data: tuple[Tensor, Tensor] | None = None
