@@ -14,7 +14,8 @@ next to its GMACs ratio (fvcore + SDPA), its latency and the peak memory of a fo
 run on the reducer's static token counts, the tokens cut by one slice (no ranking, matching or
 merging at all). No implementation of that token schedule can beat it in eager PyTorch, so a target
 the bound itself misses (column ``bnd/ratio``) is out of reach on that machine and batch size; the
-engine's own efficiency is then ``sp/bound``.
+engine's own efficiency is then ``sp/bound``. ``--compile`` compiles every model, the bounds and
+the official patch included: the same questions for a compiled forward.
 
     python benchmarks/bench_engine.py [--model deit_t] [--batch-sizes 1,32] [--repeats 5] \
         [--official-tome ../scratch/ToMe]
@@ -189,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--official-r", type=int, default=13, help="r of the official patch (and tome:r=...)")
     parser.add_argument("--bounds", action="store_true",
                         help="also time each reducer's zero-overhead bound (plain blocks on its token counts)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every model, plain timm, the bounds and the official patch too")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile's mode")
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--data", default=None, help="image folder (default: ../shared/data/nips17-dev)")
     args = parser.parse_args(argv)
@@ -221,9 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         batch = images[:size] if len(images) >= size else images.repeat(-(-size // len(images)), 1, 1, 1)[:size]
         print(f"\n{resolve_name(args.model)} ({weights}), batch {size} real images, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
+              f"{'compiled (' + args.compile_mode + '), ' if args.compile else ''}"
               f"{args.repeats} interleaved rounds of >= {args.min_seconds:g} s per model")
         speeds = measure_throughput(models, batch, baseline=PLAIN, repeats=args.repeats,
-                                    min_seconds=args.min_seconds, warmup=args.warmup, progress=_progress)
+                                    min_seconds=args.min_seconds, warmup=args.warmup, progress=_progress,
+                                    compile=args.compile, compile_mode=args.compile_mode)
         print(f"{'config':<22}{'tok':>5} {'GMACs':>7} {'ratio':>7} {'img/s':>7} {'[min-max]':>15} "
               f"{'speed-up':>7} {'[min-max]':>13} {'sp/ratio':>8} {'bnd/ratio':>9} {'sp/bound':>8} "
               f"{'lat. ms':>8} {'peak MiB':>8}  target")
