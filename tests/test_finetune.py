@@ -68,6 +68,8 @@ def test_loss_falls_and_the_checkpoint_evaluates(tmp_path: Path, checkpoint_path
     # the row says the weights were trained with the reducer: not a training-free number
     (row,) = rows(tmp_path / "ev" / "eval.csv")
     assert row["trained_with"] == "tome:r=2,prop_attn=true" and row["training_free"] == "True"
+    assert "weights fine-tuned by ipbench with tome:r=2,prop_attn=true: not a training-free number" in " ".join(
+        evaluated.output.split())
     plain = invoke(["eval", "--checkpoint", str(checkpoint_path), "--out", str(tmp_path / "ev0"), *SMALL,
                     "--limit", "4"])
     assert plain.exit_code == 0 and rows(tmp_path / "ev0" / "eval.csv")[0]["trained_with"] == ""

@@ -225,6 +225,9 @@ class RunContext:
     @property
     def accuracy_note(self) -> str | None:
         """What a reader of an accuracy must be told about the weights, if anything."""
+        if self.trained_with:
+            return (f"weights fine-tuned by ipbench with {self.trained_with}: not a training-free number, and images "
+                    "the fine-tune trained on give a contaminated one")
         return RANDOM_WEIGHTS_NOTE if self.weights == "random" else None
 
 
