@@ -106,9 +106,10 @@ def time_configs(ctx: RunContext, nets: dict[str, nn.Module], batch: Tensor, pro
                  progress: Progress) -> dict[str, SpeedResult]:
     """Interleaved throughput of every model (keyed by spec, the baseline among them) on one batch."""
     eta = speed_estimate(len(nets), protocol)
-    progress.log(f"timing {len(nets)} models interleaved with the baseline: at least {eta / 60:.1f} min "
+    what = f"the baseline and {len(nets) - 1} configuration(s), interleaved"
+    progress.log(f"timing {what}: at least {eta / 60:.1f} min "
                  f"({protocol.repeats} rounds of >= {protocol.min_seconds:g} s each); rows follow")
-    progress.phase(f"throughput, {len(nets)} models interleaved with the baseline", None)
+    progress.phase(f"throughput, {what}", None)
     return measure_grouped(nets, ctx.inputs(batch), BASELINE, protocol, ctx.device, ctx.spec.amp_dtype,
                            progress.set_done)
 
