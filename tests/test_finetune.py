@@ -205,6 +205,9 @@ def test_the_conv_stem_is_fitted_and_loads_in_eval_and_coherence(tmp_path: Path,
     co = rows(tmp_path / "co" / "coherence.csv")
     assert [r["stem"] for r in co] == ["patch", "conv"]
     assert co[1]["sim_metric_first"] != ""
+    # the conv row ran the fine-tuned stem checkpoint, the patch row the off-the-shelf weights
+    conv_trained = co[1]["trained_with"]
+    assert co[0]["trained_with"] == "" and conv_trained.startswith("imagepiece:") and "stem=conv" in conv_trained
     assert "stem=conv rows run the --stem-checkpoint, trained with the stem (not training-free)" in " ".join(
         coherence.output.split())
 

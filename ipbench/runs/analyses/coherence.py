@@ -151,7 +151,8 @@ def run(spec: RunSpec, out: Path, bases: list[Policy], localities: list[float], 
     if stem_checkpoint is not None:
         ctx = dataclasses.replace(
             run.ctx, net=load_stem_model(spec, stem_checkpoint, run.ctx.device), weights="checkpoint",
-            checkpoint=str(Path(stem_checkpoint).resolve()), sha256=models.checkpoint_sha256(stem_checkpoint))
+            checkpoint=str(Path(stem_checkpoint).resolve()), sha256=models.checkpoint_sha256(stem_checkpoint),
+            trained_with=models.trained_with(stem_checkpoint))
         runs["conv"] = dataclasses.replace(run, ctx=ctx)
     outcome = common.Outcome(csv_path=csv_path, run=run)
     warnings: list[str] = []
